@@ -1,10 +1,13 @@
-"""Test configuration: 8 simulated CPU devices, strict rank promotion, warnings as errors."""
+"""Test configuration.
 
-import os
+The root ``conftest.py`` sets 8 CPU devices and ``jax_numpy_rank_promotion="raise"``;
+``pyproject.toml`` turns warnings into errors. This file holds shared fixtures.
+"""
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+import jax
+import pytest
 
-import jax  # noqa: E402
 
-jax.config.update("jax_num_cpu_devices", 8)
-jax.config.update("jax_numpy_rank_promotion", "raise")
+@pytest.fixture
+def key() -> jax.Array:
+    return jax.random.key(0)
