@@ -1,0 +1,31 @@
+"""jaxbn: batch normalization for JAX and Flax that cannot be used wrongly.
+
+The functional core is :func:`jaxbn.batch_norm`, a factory returning a
+``Layer(init, apply)`` of pure functions whose ``apply`` always returns the output
+together with the updated ``batch_stats``. Flax adapters live in ``jaxbn.linen``
+and ``jaxbn.nnx``.
+"""
+
+from ._layer import ApplyFn as ApplyFn
+from ._layer import BatchStats as BatchStats
+from ._layer import InitFn as InitFn
+from ._layer import Layer as Layer
+from ._layer import Params as Params
+from ._layer import batch_norm as batch_norm
+from ._running import decay as decay
+from ._statistics import Moments as Moments
+from ._statistics import batch_moments as batch_moments
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ApplyFn",
+    "BatchStats",
+    "InitFn",
+    "Layer",
+    "Moments",
+    "Params",
+    "batch_moments",
+    "batch_norm",
+    "decay",
+]

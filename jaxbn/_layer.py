@@ -1,0 +1,280 @@
+"""The functional batch-norm layer: ``jaxbn.batch_norm(...) -> Layer(init, apply)``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any, NamedTuple, Protocol
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from . import _validation as v
+from ._normalize import normalize
+from ._running import update_running_stats
+from ._statistics import Moments, batch_moments, devices_in_axis
+
+Params = dict[str, jax.Array]
+BatchStats = dict[str, jax.Array]
+Initializer = Callable[..., jax.Array]
+
+
+class InitFn(Protocol):
+    """``init(x, *, key=None) -> (params, batch_stats)``."""
+
+    def __call__(
+        self, x: Any, *, key: jax.Array | None = None
+    ) -> tuple[Params, BatchStats]: ...
+
+
+class ApplyFn(Protocol):
+    """``apply(params, batch_stats, x, *, train, mask=None) -> (y, batch_stats)``."""
+
+    def __call__(
+        self,
+        params: Params,
+        batch_stats: BatchStats,
+        x: jax.Array,
+        *,
+        train: bool | jax.Array,
+        mask: jax.Array | None = None,
+    ) -> tuple[jax.Array, BatchStats]: ...
+
+
+class Layer(NamedTuple):
+    """A batch-norm layer as a pair of pure functions.
+
+    Attributes:
+      init: ``init(x, *, key=None) -> (params, batch_stats)``; reads only
+        ``x.shape`` and ``x.dtype``.
+      apply: ``apply(params, batch_stats, x, *, train, mask=None) -> (y,
+        batch_stats)``; always returns the (possibly unchanged) statistics.
+    """
+
+    init: InitFn
+    apply: ApplyFn
+
+
+def _ones(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:
+    del key
+    return jnp.ones(shape, dtype)
+
+
+def _zeros(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:
+    del key
+    return jnp.zeros(shape, dtype)
+
+
+def batch_norm(
+    axis: int | Sequence[int] = -1,
+    momentum: float = 0.99,
+    epsilon: float = 1e-5,
+    center: bool = True,
+    scale: bool = True,
+    warmup: bool = True,
+    axis_name: Hashable | tuple[Hashable, ...] | None = None,
+    axis_index_groups: Sequence[Sequence[int]] | None = None,
+    dtype: Any = None,
+    param_dtype: Any = jnp.float32,
+    scale_init: Initializer = _ones,
+    bias_init: Initializer = _zeros,
+) -> Layer:
+    r"""Batch normalization (Ioffe & Szegedy, 2015) as pure ``init``/``apply``.
+
+    For each feature (each index along ``axis``), training normalizes with the
+    batch's statistics, reduced over every other axis (and over the devices of
+    ``axis_name``), computed in float32 whatever x's dtype:
+
+    .. math::
+
+       \mu = \frac{1}{n}\sum_i x_i, \qquad
+       \sigma^2 = \frac{1}{n}\sum_i (x_i - \mu)^2, \qquad
+       y = (x - \mu)\,\frac{\gamma}{\sqrt{\sigma^2 + \epsilon}} + \beta .
+
+    The variance is biased (divided by ``n``) and computed in two passes, so it
+    is never negative and stays accurate when the mean is large. Evaluation
+    (``train=False``) uses the running statistics instead, in one elementwise
+    pass with no reduction over the batch, and returns them unchanged.
+
+    Each training update moves the running statistics ``s`` (mean and var)
+    towards the batch's: ``s <- d * s + (1 - d) * batch_s`` and adds one to
+    ``count``. With ``warmup=False`` the decay is ``d = momentum``; with
+    ``warmup=True`` it is ``d = min(momentum, (1 + count) / (10 + count))``
+    (TensorFlow's ``ExponentialMovingAverage(num_updates=...)``), so early
+    running statistics follow the network as it learns instead of staying near
+    their initial values: with ``momentum=0.999`` a plain running average still
+    holds 90% of its initial value after 100 steps. A batch whose statistics are
+    not finite, or whose entries are all masked, leaves the running statistics
+    and ``count`` unchanged; the output still carries the NaN, so the loss shows
+    it (skip such steps with ``optax.apply_if_finite``).
+
+    Args:
+      axis: the feature axis, or a tuple of them (negative counts from the end).
+      momentum: decay of the running average, in ``[0, 1)``.
+      epsilon: added to the variance, ``> 0``.
+      center: whether to learn a bias (``params["bias"]``).
+      scale: whether to learn a scale (``params["scale"]``).
+      warmup: whether the decay warms up as above.
+      axis_name: a named axis (or tuple) of ``jax.vmap``, ``jax.shard_map`` or
+        ``jax.pmap`` over which to synchronize statistics. Sharded ``jax.jit``
+        needs none: its statistics are already global.
+      axis_index_groups: groups of indices of ``axis_name``, each with its own
+        statistics.
+      dtype: output dtype; default x's dtype.
+      param_dtype: dtype of ``scale`` and ``bias``.
+      scale_init: initializer ``(key, shape, dtype) -> Array`` of the scale.
+      bias_init: initializer ``(key, shape, dtype) -> Array`` of the bias.
+
+    Returns:
+      A ``Layer(init, apply)``. ``init(x, *, key=None)`` returns ``(params,
+      batch_stats)`` with ``params = {"scale", "bias"}`` (param_dtype, feature
+      shape; a key is absent when disabled) and ``batch_stats = {"mean": zeros,
+      "var": ones, "count": 0}`` (float32 feature shape, int32 scalar); ``key``
+      defaults to ``jax.random.key(0)`` and is used only by random initializers.
+      ``apply(params, batch_stats, x, *, train, mask=None)`` returns ``(y,
+      batch_stats)``. ``train`` is a Python bool, or a scalar boolean array to
+      choose the mode at run time with one compiled function (``lax.cond``: only
+      the chosen branch runs). ``mask``, a boolean array broadcastable to x,
+      restricts the statistics to its True entries (entries under False may be
+      NaN; their outputs are normalized like the others). In evaluation ``mask``
+      is checked and otherwise ignored.
+
+    Raises:
+      TypeError: for a non-floating x, dtype or param_dtype; a ``train`` that is
+        not a bool or a scalar boolean array; a non-boolean mask; statistics of
+        the wrong dtype.
+      ValueError: for an axis out of range or repeated; momentum outside
+        ``[0, 1)``; a non-positive epsilon; params or batch_stats with missing
+        keys or wrong shapes; training (``train=True``) with fewer than two values
+        per feature, counting the devices of ``axis_name``.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> import jaxbn
+      >>> layer = jaxbn.batch_norm(momentum=0.9)
+      >>> x = jnp.array([[1.0, 10.0], [3.0, 30.0]])
+      >>> params, stats = layer.init(x)
+      >>> y, stats = layer.apply(params, stats, x, train=True)
+      >>> y
+      Array([[-1., -1.],
+             [ 1.,  1.]], dtype=float32)
+      >>> stats["mean"], stats["count"]  # first update: d = 1/10
+      (Array([ 1.8, 18. ], dtype=float32), Array(1, dtype=int32))
+      >>> y, same = layer.apply(params, stats, x, train=False)
+      >>> same is stats
+      True
+      >>> layer.init(jax.ShapeDtypeStruct((8, 3), jnp.bfloat16))[1]["var"]
+      Array([1., 1., 1.], dtype=float32)
+    """
+    axis_spec = v.check_axis_spec(axis)
+    momentum = v.check_momentum(momentum)
+    epsilon = v.check_epsilon(epsilon)
+    dtype = v.check_float_dtype("dtype", dtype, allow_none=True)
+    param_dtype = v.check_float_dtype("param_dtype", param_dtype, allow_none=False)
+    if axis_index_groups is not None and axis_name is None:
+        raise ValueError(
+            "axis_index_groups was given without axis_name; pass the axis_name "
+            "whose devices the groups split."
+        )
+    center, scale = bool(center), bool(scale)
+    warmup = bool(warmup)
+
+    def geometry(x: Any) -> tuple[v.Axes, tuple[int, ...], tuple[int, ...]]:
+        v.check_x(x)
+        axes = v.normalize_axes(axis_spec, len(x.shape))
+        feature_shape = tuple(x.shape[a] for a in axes)
+        kept = tuple(d if i in axes else 1 for i, d in enumerate(x.shape))
+        return axes, feature_shape, kept
+
+    def init(x: Any, *, key: jax.Array | None = None) -> tuple[Params, BatchStats]:
+        _, feature_shape, _ = geometry(x)
+        key = jax.random.key(0) if key is None else key
+        scale_key, bias_key = jax.random.split(key)
+        params: Params = {}
+        if scale:
+            params["scale"] = jnp.asarray(
+                scale_init(scale_key, feature_shape, param_dtype), param_dtype
+            )
+        if center:
+            params["bias"] = jnp.asarray(
+                bias_init(bias_key, feature_shape, param_dtype), param_dtype
+            )
+        batch_stats: BatchStats = {
+            "mean": jnp.zeros(feature_shape, jnp.float32),  # shape=features, f32
+            "var": jnp.ones(feature_shape, jnp.float32),  # shape=features, f32
+            "count": jnp.zeros((), jnp.int32),  # shape=(), int32: updates so far
+        }
+        return params, batch_stats
+
+    def apply(
+        params: Params,
+        batch_stats: BatchStats,
+        x: jax.Array,
+        *,
+        train: bool | jax.Array,
+        mask: jax.Array | None = None,
+    ) -> tuple[jax.Array, BatchStats]:
+        axes, feature_shape, kept = geometry(x)
+        train = v.check_train(train)
+        expected_params = {}
+        if scale:
+            expected_params["scale"] = (feature_shape, param_dtype)
+        if center:
+            expected_params["bias"] = (feature_shape, param_dtype)
+        v.check_mapping(
+            "params", params, expected_params, feature_shape, axes, axis_spec, False
+        )
+        stats_spec = {
+            "mean": (feature_shape, jnp.float32),
+            "var": (feature_shape, jnp.float32),
+            "count": ((), jnp.int32),
+        }
+        v.check_mapping(
+            "batch_stats", batch_stats, stats_spec, feature_shape, axes, axis_spec, True
+        )
+        if mask is not None:
+            v.check_mask(mask, tuple(x.shape))
+        reduction_axes = tuple(i for i in range(x.ndim) if i not in axes)
+        out_dtype = x.dtype if dtype is None else dtype
+        gamma = params["scale"].reshape(kept) if scale else None
+        beta = params["bias"].reshape(kept) if center else None
+
+        def evaluate(operands: tuple) -> tuple[jax.Array, BatchStats]:
+            x, _, stats = operands
+            mean = stats["mean"].reshape(kept)
+            var = stats["var"].reshape(kept)
+            return normalize(x, mean, var, gamma, beta, epsilon, out_dtype), stats
+
+        def training(operands: tuple) -> tuple[jax.Array, BatchStats]:
+            x, mask, stats = operands
+            if mask is not None:
+                mask = jnp.broadcast_to(mask, x.shape)
+            moments = batch_moments(
+                x, reduction_axes, mask, axis_name, axis_index_groups
+            )
+            y = normalize(x, moments.mean, moments.var, gamma, beta, epsilon, out_dtype)
+            flat = Moments(*(m.reshape(feature_shape) for m in moments))
+            return y, update_running_stats(stats, flat, momentum, warmup)
+
+        if train is True or not isinstance(train, bool):
+            _check_enough_values(x.shape, reduction_axes, train)
+        operands = (x, mask, batch_stats)
+        if isinstance(train, bool):
+            return training(operands) if train else evaluate(operands)
+        return lax.cond(train, training, evaluate, operands)
+
+    def _check_enough_values(shape: tuple, reduction_axes: tuple, train: Any) -> None:
+        per_device = 1
+        for a in reduction_axes:
+            per_device *= shape[a]
+        devices = devices_in_axis(axis_name, axis_index_groups)
+        if per_device * devices < 2 and train is True:
+            raise ValueError(
+                f"train=True with x of shape {tuple(shape)}: each feature sees "
+                f"{per_device * devices} value(s) ({per_device} per device x "
+                f"{devices} device(s)), but a batch variance needs at least 2. "
+                "Train with a larger batch, or use train=False to normalize with "
+                "the running statistics."
+            )
+
+    return Layer(init=init, apply=apply)

@@ -1,0 +1,73 @@
+"""The running-average update of ``batch_stats``, with warm-up and guards.
+
+The decay is ``d = momentum``, or with warm-up ``d = min(momentum, (1 + count) /
+(10 + count))``. A batch whose statistics are not finite, or that has no valid
+value, leaves the running statistics and ``count`` unchanged; a feature with no
+valid value keeps its statistics.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from ._statistics import Moments
+
+
+def decay(count: jax.Array, momentum: float, warmup: bool) -> jax.Array:
+    """The decay of the running average before the ``count``-th+1 update.
+
+    Args:
+      count: int32 number of updates so far.
+      momentum: the final decay.
+      warmup: whether to use TensorFlow's ``num_updates`` warm-up rule.
+
+    Returns:
+      A float32 scalar decay in ``[0, momentum]``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> [round(float(decay(jnp.int32(c), 0.999, True)), 3) for c in (0, 90, 10**5)]
+      [0.1, 0.91, 0.999]
+    """
+    final = jnp.float32(momentum)
+    if not warmup:
+        return final
+    c = count.astype(jnp.float32)
+    return jnp.minimum(final, (1.0 + c) / (10.0 + c))
+
+
+def update_running_stats(
+    batch_stats: dict[str, jax.Array],
+    moments: Moments,
+    momentum: float,
+    warmup: bool,
+) -> dict[str, jax.Array]:
+    """Returns ``batch_stats`` moved towards ``moments`` (no gradient flows).
+
+    Args:
+      batch_stats: ``{"mean", "var", "count"}`` as made by ``init``.
+      moments: the batch's ``Moments``, already reshaped to the feature shape.
+      momentum: the final decay.
+      warmup: whether the decay warms up.
+
+    Returns:
+      The new ``batch_stats``.
+    """
+    count, mean, var = (lax.stop_gradient(m) for m in moments)
+    finite = jnp.all(jnp.isfinite(mean)) & jnp.all(jnp.isfinite(var))
+    accept = finite & jnp.any(count > 0)
+    keep = jnp.logical_not(accept) | (count <= 0)
+    d = decay(batch_stats["count"], momentum, warmup)
+
+    def moved(old: jax.Array, new: jax.Array) -> jax.Array:
+        # Sanitize ``new`` so a rejected NaN batch cannot leak through ``where``.
+        new = jnp.where(keep, old, new)
+        return d * old + (1.0 - d) * new
+
+    return {
+        "mean": jnp.where(keep, batch_stats["mean"], moved(batch_stats["mean"], mean)),
+        "var": jnp.where(keep, batch_stats["var"], moved(batch_stats["var"], var)),
+        "count": batch_stats["count"] + accept.astype(jnp.int32),
+    }
