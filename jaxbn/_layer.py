@@ -12,7 +12,7 @@ from jax import lax
 from . import _validation as v
 from ._normalize import normalize
 from ._running import update_running_stats
-from ._statistics import Moments, batch_moments, devices_in_axis
+from ._statistics import Moments, devices_in_axis, shifted_moments
 
 Params = dict[str, jax.Array]
 BatchStats = dict[str, jax.Array]
@@ -249,11 +249,17 @@ def batch_norm(
             x, mask, stats = operands
             if mask is not None:
                 mask = jnp.broadcast_to(mask, x.shape)
-            moments = batch_moments(
-                x, reduction_axes, mask, axis_name, axis_index_groups
+            m = shifted_moments(
+                x,
+                reduction_axes,
+                mask,
+                axis_name,
+                axis_index_groups,
+                fallback_shift=stats["mean"].reshape(kept),
             )
-            y = normalize(x, moments.mean, moments.var, gamma, beta, epsilon, out_dtype)
-            flat = Moments(*(m.reshape(feature_shape) for m in moments))
+            y = normalize(x, m.offset, m.var, gamma, beta, epsilon, out_dtype, m.shift)
+            moments = Moments(m.count, m.shift + m.offset, m.var)
+            flat = Moments(*(a.reshape(feature_shape) for a in moments))
             return y, update_running_stats(stats, flat, momentum, warmup)
 
         if train is True or not isinstance(train, bool):

@@ -20,6 +20,7 @@ def normalize(
     bias: jax.Array | None,
     epsilon: float,
     dtype: jnp.dtype,
+    shift: jax.Array | None = None,
 ) -> jax.Array:
     """Normalizes ``x`` with per-feature statistics in one elementwise pass.
 
@@ -31,6 +32,9 @@ def normalize(
       bias: optional bias (beta), same shape as ``mean``.
       epsilon: added to the variance.
       dtype: the output dtype.
+      shift: optional float32 per-feature shift; then ``mean`` is the mean of
+        ``x - shift`` and x is centred as ``(x - shift) - mean``, which keeps
+        precision when the mean is large.
 
     Returns:
       The normalized array, in ``dtype``.
@@ -46,7 +50,10 @@ def normalize(
     multiplier = lax.rsqrt(var.astype(jnp.float32) + epsilon)
     if scale is not None:
         multiplier = multiplier * scale.astype(jnp.float32)
-    y = (x.astype(jnp.float32) - mean) * multiplier
+    centred = x.astype(jnp.float32)
+    if shift is not None:
+        centred = centred - shift
+    y = (centred - mean) * multiplier
     if bias is not None:
         y = y + bias.astype(jnp.float32)
     return y.astype(dtype)

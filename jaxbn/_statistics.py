@@ -36,8 +36,81 @@ class Moments(NamedTuple):
     var: jax.Array
 
 
+class ShiftedMoments(NamedTuple):
+    """``Moments`` with the mean kept as ``shift + offset`` for accuracy.
+
+    ``shift`` is one of the batch's own values per feature (no gradient), so
+    ``x - shift`` is exact for x near the mean and ``offset`` is small: the
+    normalization ``(x - shift) - offset`` then keeps the precision that a
+    rounded float32 mean of, say, ``1e6 + N(0, 1)`` would lose.
+    """
+
+    count: jax.Array
+    shift: jax.Array
+    offset: jax.Array
+    var: jax.Array
+
+
 def _psum(x: jax.Array, axis_name: AxisName, groups: Any) -> jax.Array:
     return lax.psum(x, axis_name, axis_index_groups=groups)
+
+
+def _first_values(x: jax.Array, reduction_axes: tuple[int, ...]) -> jax.Array:
+    """X at index 0 of every reduction axis, with x's rank."""
+    index = tuple(
+        slice(0, 1) if i in reduction_axes else slice(None) for i in range(x.ndim)
+    )
+    return x[index]
+
+
+def shifted_moments(
+    x: jax.Array,
+    reduction_axes: tuple[int, ...],
+    mask: jax.Array | None = None,
+    axis_name: AxisName | None = None,
+    axis_index_groups: Sequence[Sequence[int]] | None = None,
+    fallback_shift: jax.Array | None = None,
+) -> ShiftedMoments:
+    """The statistics of :func:`batch_moments`, mean split as ``shift + offset``.
+
+    The shift is each feature's first batch value (or ``fallback_shift``, else 0,
+    where that value is masked). Locally the offset and variance are computed
+    in two passes over ``x - shift``; across devices, counts, means and centred
+    sums of squares are merged with Chan et al.'s formula (two ``psum``).
+    """
+    xf = x.astype(jnp.float32)
+    shift = _first_values(xf, reduction_axes)
+    if mask is not None:
+        fallback = jnp.zeros_like(shift) if fallback_shift is None else fallback_shift
+        shift = jnp.where(_first_values(mask, reduction_axes), shift, fallback)
+    shift = lax.stop_gradient(shift)
+    xs = xf - shift
+    if mask is None:
+        local_n = 1
+        for a in reduction_axes:
+            local_n *= x.shape[a]
+        count = jnp.full(shift.shape, local_n, jnp.float32)
+    else:
+        # Zero the ignored entries first, so NaN there reaches neither the
+        # statistics nor their gradients.
+        xs = jnp.where(mask, xs, 0.0)
+        count = jnp.sum(mask, axis=reduction_axes, keepdims=True, dtype=jnp.float32)
+    safe_count = jnp.maximum(count, 1.0)
+    offset = jnp.sum(xs, axis=reduction_axes, keepdims=True) / safe_count
+    centred = xs - offset
+    if mask is not None:
+        centred = jnp.where(mask, centred, 0.0)
+    m2 = jnp.sum(centred * centred, axis=reduction_axes, keepdims=True)
+    if axis_name is None:
+        return ShiftedMoments(count, shift, offset, m2 / safe_count)
+    # Chan's parallel merge around the global mean: two all-reduces.
+    mean = shift + offset
+    sums = _psum(jnp.stack([count, count * mean]), axis_name, axis_index_groups)
+    global_count = jnp.maximum(sums[0], 1.0)
+    global_mean = sums[1] / global_count
+    gap = mean - global_mean
+    global_m2 = _psum(m2 + count * gap * gap, axis_name, axis_index_groups)
+    return ShiftedMoments(sums[0], shift, global_mean - shift, global_m2 / global_count)
 
 
 def batch_moments(
@@ -69,46 +142,8 @@ def batch_moments(
       >>> m.mean, m.var
       (Array([[ 2., 10.]], dtype=float32), Array([[1., 0.]], dtype=float32))
     """
-    xf = x.astype(jnp.float32)
-    if mask is None:
-        local_n = 1
-        for a in reduction_axes:
-            local_n *= x.shape[a]
-        count = jnp.full(_kept_shape(x.shape, reduction_axes), local_n, jnp.float32)
-        total = jnp.sum(xf, axis=reduction_axes, keepdims=True)
-    else:
-        # Zero the ignored entries first, so NaN there reaches neither the
-        # statistics nor their gradients.
-        xf = jnp.where(mask, xf, 0.0)
-        count = jnp.sum(mask, axis=reduction_axes, keepdims=True, dtype=jnp.float32)
-        total = jnp.sum(xf, axis=reduction_axes, keepdims=True)
-    safe_count = jnp.maximum(count, 1.0)
-    mean = total / safe_count
-    centred = xf - mean
-    if mask is not None:
-        centred = jnp.where(mask, centred, 0.0)
-    squares = centred * centred
-    m2 = jnp.sum(squares, axis=reduction_axes, keepdims=True)
-    if axis_name is None:
-        return Moments(count, mean, m2 / safe_count)
-    return _merge_across_devices(count, mean, m2, axis_name, axis_index_groups)
-
-
-def _merge_across_devices(
-    count: jax.Array,
-    mean: jax.Array,
-    m2: jax.Array,
-    axis_name: AxisName,
-    groups: Any,
-) -> Moments:
-    """Chan's parallel merge of (count, mean, centred sum of squares); 2 psums."""
-    sums = _psum(jnp.stack([count, count * mean]), axis_name, groups)
-    global_count = sums[0]
-    safe_count = jnp.maximum(global_count, 1.0)
-    global_mean = sums[1] / safe_count
-    offset = mean - global_mean
-    global_m2 = _psum(m2 + count * offset * offset, axis_name, groups)
-    return Moments(global_count, global_mean, global_m2 / safe_count)
+    m = shifted_moments(x, reduction_axes, mask, axis_name, axis_index_groups)
+    return Moments(m.count, m.shift + m.offset, m.var)
 
 
 def _kept_shape(shape: tuple[int, ...], reduction_axes: tuple[int, ...]) -> tuple:
