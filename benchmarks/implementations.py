@@ -125,9 +125,7 @@ def _jaxbn_nnx(x: jax.Array) -> JaxBatchNorm:
 
 
 def _linen_from_class(cls: Any, x: jax.Array, **kwargs: Any) -> JaxBatchNorm:
-    model = cls(
-        axis=-1, momentum=MOMENTUM, epsilon=EPSILON, dtype=x.dtype, **kwargs
-    )
+    model = cls(axis=-1, momentum=MOMENTUM, epsilon=EPSILON, dtype=x.dtype, **kwargs)
     variables = model.init(jax.random.key(0), x, use_running_average=False)
 
     def step(params, stats, x, train):
@@ -280,7 +278,6 @@ def _torch(x: jax.Array) -> TorchBatchNorm:
     features = x.shape[-1]
     if x.ndim == 4:
         module = torch.nn.BatchNorm2d(features, eps=EPSILON, momentum=1 - MOMENTUM)
-        module = module.to(memory_format=torch.channels_last)
     elif x.ndim == 2:
         module = torch.nn.BatchNorm1d(features, eps=EPSILON, momentum=1 - MOMENTUM)
     else:

@@ -10,9 +10,10 @@ import jax.numpy as jnp
 from jax import lax
 
 from . import _validation as v
+from ._fused import fused_training
 from ._normalize import normalize
 from ._running import update_running_stats
-from ._statistics import Moments, devices_in_axis, shifted_moments
+from ._statistics import Moments, devices_in_axis
 
 Params = dict[str, jax.Array]
 BatchStats = dict[str, jax.Array]
@@ -135,8 +136,9 @@ def batch_norm(
       batch_stats)``. ``train`` is a Python bool, or a scalar boolean array to
       choose the mode at run time with one compiled function (``lax.cond``: only
       the chosen branch runs). ``mask``, a boolean array broadcastable to x,
-      restricts the statistics to its True entries (entries under False may be
-      NaN; their outputs are normalized like the others). In evaluation ``mask``
+      restricts the statistics to its True entries; entries under False are
+      normalized like the others, except that a non-finite one (NaN padding)
+      is read as 0, so it reaches neither the statistics nor any gradient. In evaluation ``mask``
       is checked and otherwise ignored.
 
     Raises:
@@ -247,23 +249,28 @@ def batch_norm(
 
         def training(operands: tuple) -> tuple[jax.Array, BatchStats]:
             x, mask, stats = operands
-            if mask is not None:
-                mask = jnp.broadcast_to(mask, x.shape)
-            m = shifted_moments(
+            y, m = fused_training(
                 x,
-                reduction_axes,
                 mask,
-                axis_name,
-                axis_index_groups,
-                fallback_shift=stats["mean"].reshape(kept),
+                gamma,
+                beta,
+                stats["mean"].reshape(kept),
+                reduction_axes=reduction_axes,
+                epsilon=epsilon,
+                axis_name=axis_name,
+                axis_index_groups=axis_index_groups,
+                dtype=out_dtype,
             )
-            y = normalize(x, m.offset, m.var, gamma, beta, epsilon, out_dtype, m.shift)
             moments = Moments(m.count, m.shift + m.offset, m.var)
             flat = Moments(*(a.reshape(feature_shape) for a in moments))
             return y, update_running_stats(stats, flat, momentum, warmup)
 
         if train is True or not isinstance(train, bool):
             _check_enough_values(x.shape, reduction_axes, train)
+        if mask is not None:
+            # Padding may hold NaN: read a masked non-finite entry as 0 so it
+            # reaches neither the statistics nor any gradient.
+            x = jnp.where(mask | jnp.isfinite(x), x, jnp.zeros((), x.dtype))
         operands = (x, mask, batch_stats)
         if isinstance(train, bool):
             return training(operands) if train else evaluate(operands)

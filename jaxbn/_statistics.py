@@ -52,7 +52,34 @@ class ShiftedMoments(NamedTuple):
 
 
 def _psum(x: jax.Array, axis_name: AxisName, groups: Any) -> jax.Array:
-    return lax.psum(x, axis_name, axis_index_groups=groups)
+    """``lax.psum`` over ``axis_name``, within ``groups`` if given: one all-reduce.
+
+    ``jax.shard_map`` (unlike ``jax.pmap``) does not implement
+    ``axis_index_groups``; there each device puts its value in its group's row
+    of a zero table, one ungrouped psum fills every row, and each device reads
+    its own group's row back.
+    """
+    if groups is None:
+        return lax.psum(x, axis_name)
+    try:
+        return lax.psum(x, axis_name, axis_index_groups=groups)
+    except NotImplementedError:
+        pass
+    size = int(lax.axis_size(axis_name))  # pyright: ignore[reportArgumentType]
+    members = sorted(int(i) for g in groups for i in g)
+    if members != list(range(size)) or len({len(g) for g in groups}) != 1:
+        raise ValueError(
+            f"axis_index_groups={groups!r} must split the {size} indices of "
+            f"axis_name={axis_name!r} into groups of equal size, each index once."
+        )
+    group_of = [0] * size
+    for k, g in enumerate(groups):
+        for i in g:
+            group_of[int(i)] = k
+    mine = jnp.asarray(group_of, jnp.int32)[lax.axis_index(axis_name)]
+    rows = jnp.arange(len(groups), dtype=jnp.int32).reshape((-1,) + (1,) * x.ndim)
+    table = jnp.where(rows == mine, x[None], jnp.zeros_like(x[None]))
+    return lax.psum(table, axis_name)[mine]
 
 
 def _first_values(x: jax.Array, reduction_axes: tuple[int, ...]) -> jax.Array:
@@ -103,15 +130,23 @@ def shifted_moments(
     m2 = jnp.sum(centred * centred, axis=reduction_axes, keepdims=True)
     if axis_name is None:
         return ShiftedMoments(count, shift, offset, m2 / safe_count)
-    # Chan's parallel merge around the global mean: two all-reduces.
+    # Chan's parallel merge: two all-reduces. The first gives the global count
+    # and a rounded global mean ``g``; the second sums each device's squares
+    # around ``g``, and also the gaps ``mean - g``, so the exact global mean is
+    # ``g + offset`` with a small offset. ``g`` is the same on every device, so
+    # the results are too (shard_map can return them with out_specs P()).
     mean = shift + offset
     sums = _psum(jnp.stack([count, count * mean]), axis_name, axis_index_groups)
     global_count = jnp.maximum(sums[0], 1.0)
-    global_mean = sums[1] / global_count
-    gap = mean - global_mean
-    global_m2 = _psum(m2 + count * gap * gap, axis_name, axis_index_groups)
-    return ShiftedMoments(sums[0], shift, global_mean - shift, global_m2 / global_count)
-
+    common = lax.stop_gradient(sums[1] / global_count)
+    gap = (shift - common) + offset  # exact where shift is close to common
+    both = _psum(
+        jnp.stack([m2 + count * gap * gap, count * gap]), axis_name, axis_index_groups
+    )
+    global_offset = both[1] / global_count
+    global_m2 = both[0] - global_count * global_offset * global_offset
+    global_var = jnp.maximum(global_m2 / global_count, 0.0)
+    return ShiftedMoments(sums[0], common, global_offset, global_var)
 
 def batch_moments(
     x: jax.Array,

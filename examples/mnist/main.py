@@ -31,8 +31,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     defaults = default.get_config()
     p = argparse.ArgumentParser(
         prog="python -m examples.mnist.main",
-        description="Train and evaluate a CNN with jaxbn batch normalization on "
-        "MNIST.",
+        description="Train and evaluate a CNN with jaxbn batch normalization on MNIST.",
     )
     p.add_argument("--workdir", required=True, help="metrics, plot, checkpoints")
     p.add_argument(
@@ -64,18 +63,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, help=f"default {defaults.seed}")
     p.add_argument("--train_limit", type=int, help="use the first N training images")
     p.add_argument("--test_limit", type=int, help="use the first N test images")
-    p.add_argument(
-        "--no_progress", action="store_true", help="hide the progress bar"
-    )
+    p.add_argument("--no_progress", action="store_true", help="hide the progress bar")
     return p.parse_args(argv)
 
 
 def get_config(args: argparse.Namespace) -> default.Config:
     """The default config with the flags that were given applied."""
     fields = {f.name for f in dataclasses.fields(default.Config)}
-    overrides = {
-        k: v for k, v in vars(args).items() if k in fields and v is not None
-    }
+    overrides = {k: v for k, v in vars(args).items() if k in fields and v is not None}
     if args.no_progress:
         overrides["progress"] = False
     return dataclasses.replace(default.get_config(), **overrides)

@@ -390,7 +390,9 @@ def plot_metrics(records: Sequence[dict[str, Any]], path: str | Path) -> None:
             color = f"C{i}"
             for name, style in (("var", "-"), ("mean", ":")):
                 values = [p["change"][layer][name] for p in trace]
-                ax_stats.plot(steps, values, style, color=color, label=f"{layer} {name}")
+                ax_stats.plot(
+                    steps, values, style, color=color, label=f"{layer} {name}"
+                )
         ax_stats.set_yscale("log")
     ax_stats.set(
         xlabel="step",
@@ -441,9 +443,7 @@ def train_and_evaluate(config: Config, workdir: str | Path) -> TrainState:
     stats_before = jax.device_get(state.batch_stats)
     for epoch in range(start_epoch, config.num_epochs + 1):
         rng = np.random.default_rng([config.seed, epoch])
-        batches = input_pipeline.train_batches(
-            train_x, train_y, config.batch_size, rng
-        )
+        batches = input_pipeline.train_batches(train_x, train_y, config.batch_size, rng)
         step_metrics: list[dict[str, jax.Array]] = []
         stats_trace: list[dict[str, Any]] = []
         start = time.perf_counter()
@@ -543,4 +543,3 @@ def eval_only(
     reported = [r for r in read_metrics(workdir) if r["epoch"] == epoch]
     result["reported_accuracy"] = reported[-1]["test_accuracy"] if reported else None
     return result
-

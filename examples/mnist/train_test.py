@@ -1,0 +1,153 @@
+"""End-to-end test of the MNIST example on a small slice, and of the loader."""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+from pathlib import Path
+
+import chex
+import jax
+import pytest
+
+from examples.mnist import input_pipeline, main, train
+from examples.mnist.configs.default import Config
+
+CONFIG = Config(
+    features=(8, 16),
+    hidden=32,
+    batch_size=64,
+    num_epochs=2,
+    train_limit=2000,
+    test_limit=500,
+    eval_batch_size=250,
+    progress=False,
+)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, train.TrainState]:
+    workdir = tmp_path_factory.mktemp("mnist")
+    state = train.train_and_evaluate(CONFIG, workdir)
+    return workdir, state
+
+
+def test_trains_above_chance(trained):
+    workdir, state = trained
+    records = train.read_metrics(workdir)
+    assert [r["epoch"] for r in records] == [1, 2]
+    last = records[-1]
+    assert last["test_count"] == 500
+    assert last["step"] == int(state.step) == 2 * (2000 // 64)
+    # Chance is 10%; evaluation mode must not lag far behind batch statistics.
+    assert last["test_accuracy"] > 0.8
+    assert last["test_accuracy"] > last["test_accuracy_batch_stats"] - 0.05
+    assert (workdir / train.PLOT_FILE).stat().st_size > 0
+    assert sorted(p.name for p in (workdir / train.CHECKPOINT_DIR).iterdir()) == [
+        "1",
+        "2",
+    ]
+
+
+def test_restore_gives_identical_variables_and_metrics(trained):
+    workdir, state = trained
+    fresh = train.create_train_state(CONFIG, jax.random.key(123), 2000 // 64)
+    manager = train.checkpoint_manager(workdir, CONFIG.max_checkpoints)
+    restored = train.restore_checkpoint(manager, fresh)
+    manager.close()
+    chex.assert_trees_all_equal(restored.params, state.params)
+    chex.assert_trees_all_equal(restored.batch_stats, state.batch_stats)
+    chex.assert_trees_all_equal(restored.opt_state, state.opt_state)
+    assert int(restored.step) == int(state.step)
+
+    result = train.eval_only(CONFIG, workdir)
+    assert result["epoch"] == 2
+    assert result["accuracy"] == result["reported_accuracy"]
+
+
+def test_eval_does_not_depend_on_batch_size(trained):
+    _, state = trained
+    images, labels = input_pipeline.load_split("test", limit=200)
+    one = train.evaluate(state, images, labels, batch_size=1)
+    many = train.evaluate(state, images, labels, batch_size=1000)
+    odd = train.evaluate(state, images, labels, batch_size=64)  # padded last batch
+    assert one["correct"] == many["correct"] == odd["correct"]
+
+
+def test_main_eval_only_reports_match(trained, capsys):
+    workdir, _ = trained
+    argv = ["--workdir", str(workdir), "--eval_only", "--features", "8,16"]
+    argv += ["--hidden", "32", "--test_limit", "500"]
+    assert main.main(argv) == 0
+    assert "Matches the accuracy reported during training exactly" in (
+        capsys.readouterr().out
+    )
+
+
+def test_eval_only_without_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError, match="No checkpoint"):
+        train.eval_only(CONFIG, tmp_path)
+
+
+LABELS = "t10k-labels-idx1-ubyte.gz"
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    shutil.copy(input_pipeline.DATA_DIR / LABELS, tmp_path / LABELS)
+    return tmp_path
+
+
+def test_loader_reads_shipped_files():
+    images, labels = input_pipeline.load_split("test")
+    assert images.shape == (10_000, 28, 28, 1)
+    assert labels.shape == (10_000,)
+    assert labels.max() == 9
+
+
+def test_loader_missing_file(data_dir):
+    (data_dir / LABELS).unlink()
+    with pytest.raises(input_pipeline.DataError, match=r"missing.*git checkout"):
+        input_pipeline.read_idx(data_dir / LABELS)
+
+
+def test_loader_truncated_file(data_dir):
+    path = data_dir / LABELS
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(input_pipeline.DataError, match="not a complete gzip file"):
+        input_pipeline.read_idx(path)
+
+
+def test_loader_wrong_size(data_dir):
+    path = data_dir / LABELS
+    path.write_bytes(gzip.compress(gzip.decompress(path.read_bytes())[:-1]))
+    with pytest.raises(input_pipeline.DataError, match="10007 bytes but 10008"):
+        input_pipeline.read_idx(path)
+
+
+def test_loader_wrong_checksum(data_dir):
+    path = data_dir / LABELS
+    raw = bytearray(gzip.decompress(path.read_bytes()))
+    raw[100] = (raw[100] + 1) % 10  # one label changed: same size, other digest
+    path.write_bytes(gzip.compress(bytes(raw)))
+    with pytest.raises(input_pipeline.DataError, match="sha256"):
+        input_pipeline.read_idx(path)
+
+
+def test_loader_not_gzip(data_dir):
+    path = data_dir / LABELS
+    path.write_bytes(b"not a gzip file at all")
+    with pytest.raises(input_pipeline.DataError, match="corrupt"):
+        input_pipeline.read_idx(path)
+
+
+def test_loader_unknown_file(tmp_path):
+    with pytest.raises(input_pipeline.DataError, match="not one of the MNIST files"):
+        input_pipeline.read_idx(tmp_path / "labels.gz")
+
+
+def test_loader_bad_arguments():
+    with pytest.raises(ValueError, match="split must be one of"):
+        input_pipeline.load_split("validation")
+    with pytest.raises(ValueError, match="limit must be a positive"):
+        input_pipeline.load_split("test", limit=0)

@@ -1,0 +1,237 @@
+"""``jaxbn.linen.BatchNorm``: a drop-in for ``flax.linen.BatchNorm``.
+
+Replace ``nn.BatchNorm`` with ``jaxbn.linen.BatchNorm`` and keep the rest of the
+model: the same fields, the same variables (``params``: scale, bias;
+``batch_stats``: mean, var, plus jaxbn's ``count``) and the same
+``model.apply(variables, x, mutable=['batch_stats'])``. The maths is
+:func:`jaxbn.batch_norm`'s; this module only owns the Flax variables.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax.linen import initializers
+
+from . import _flax_compat as compat
+from ._flax_compat import CONVERGED_COUNT as CONVERGED_COUNT
+
+__all__ = ["CONVERGED_COUNT", "BatchNorm", "from_flax_variables"]
+
+
+class BatchNorm(nn.Module):
+    """Batch normalization with Flax's interface and jaxbn's core.
+
+    The fields are those of ``flax.linen.BatchNorm`` with the same defaults, plus
+    ``warmup``; see :func:`jaxbn.batch_norm` for the maths. Differences from
+    Flax:
+
+    * ``warmup=True`` (default) warms the running-average decay up from 0.1 to
+      ``momentum`` over the first updates, which ``batch_stats['count']``
+      counts. ``warmup=False`` updates exactly like Flax.
+    * Statistics are always computed in float32 and in two passes:
+      ``use_fast_variance`` and ``force_float32_reductions`` are accepted and
+      ignored, and running statistics are always float32.
+    * During ``init`` the layer normalizes with the initial statistics (mean 0,
+      var 1) whatever the mode, so init works with any batch (even a single
+      example) and outside ``shard_map``; like Flax, init records nothing.
+    * Training without ``mutable=['batch_stats']`` raises a ``ValueError`` that
+      says so, instead of silently dropping or failing on the update.
+    * Variables from ``flax.linen.BatchNorm`` (no ``count``) are treated as
+      converged statistics (decay ``momentum`` from the first step); call
+      :func:`from_flax_variables` once after loading to make this explicit.
+    * ``use_running_average`` may also be a scalar boolean array, choosing the
+      mode at run time in one compiled function.
+
+    Attributes:
+      use_running_average: if True, normalize with the stored statistics
+        (evaluation); if False, with the batch's, updating them (training).
+        Give it here or at call time, not both.
+      axis: the feature axis, or a tuple of them.
+      momentum: decay of the running average, in ``[0, 1)``.
+      epsilon: added to the variance.
+      dtype: output dtype; default ``jnp.result_type`` of x and the params.
+      param_dtype: dtype of scale and bias.
+      use_bias: whether to learn a bias.
+      use_scale: whether to learn a scale.
+      bias_init: initializer of the bias.
+      scale_init: initializer of the scale.
+      axis_name: named axis of ``shard_map``/``pmap``/``vmap`` over which to
+        synchronize statistics (not used during init).
+      axis_index_groups: groups of ``axis_name`` indices with separate statistics.
+      use_fast_variance: accepted for compatibility; jaxbn's variance is always
+        the stable two-pass one.
+      force_float32_reductions: accepted for compatibility; jaxbn always reduces
+        in float32.
+      warmup: whether the running-average decay warms up (jaxbn's default).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> import jaxbn.linen
+      >>> model = jaxbn.linen.BatchNorm(use_running_average=False, momentum=0.9)
+      >>> x = jnp.array([[1.0, 10.0], [3.0, 30.0]])
+      >>> variables = model.init(jax.random.key(0), x)
+      >>> jax.tree.map(jnp.shape, variables["batch_stats"])
+      {'count': (), 'mean': (2,), 'var': (2,)}
+      >>> y, updates = model.apply(variables, x, mutable=["batch_stats"])
+      >>> y
+      Array([[-1., -1.],
+             [ 1.,  1.]], dtype=float32)
+      >>> updates["batch_stats"]["mean"], updates["batch_stats"]["count"]
+      (Array([ 1.8, 18. ], dtype=float32), Array(1, dtype=int32))
+    """
+
+    use_running_average: bool | None = None
+    axis: int | Sequence[int] = -1
+    momentum: float = 0.99
+    epsilon: float = 1e-5
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    use_bias: bool = True
+    use_scale: bool = True
+    bias_init: Any = initializers.zeros
+    scale_init: Any = initializers.ones
+    axis_name: Any = None
+    axis_index_groups: Any = None
+    use_fast_variance: bool = True
+    force_float32_reductions: bool = True
+    warmup: bool = True
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        use_running_average: bool | jax.Array | None = None,
+        *,
+        mask: jax.Array | None = None,
+    ) -> jax.Array:
+        """Normalizes ``x``, updating ``batch_stats`` in training.
+
+        Args:
+          x: the input, a floating array.
+          use_running_average: overrides the field (give it in one place only).
+          mask: optional boolean array broadcastable to x; the statistics use only
+            its True entries.
+
+        Returns:
+          The normalized x, in ``dtype``.
+
+        Raises:
+          ValueError: when training (outside ``init``) without
+            ``mutable=['batch_stats']``; for ``use_running_average`` given in
+            both or neither place; for the core's errors (see
+            :func:`jaxbn.batch_norm`).
+          TypeError: for the core's type errors (e.g. integer x).
+        """
+        use_running_average = nn.merge_param(
+            "use_running_average", self.use_running_average, use_running_average
+        )
+        train = compat.train_flag(use_running_average)
+        features = compat.feature_shape(x, self.axis)
+        initializing = self.is_initializing()
+        if initializing:
+            train = False  # like Flax, init records nothing
+        elif train is not False and not self.is_mutable_collection("batch_stats"):
+            raise ValueError(
+                "jaxbn.linen.BatchNorm is training (use_running_average=False) but "
+                "the 'batch_stats' collection is not mutable, so its running "
+                "statistics cannot be updated. Pass it as mutable and keep the "
+                "update: y, updates = model.apply(variables, x, "
+                "mutable=['batch_stats']), then variables = {**variables, "
+                "**updates}. For evaluation pass use_running_average=True instead."
+            )
+
+        params: dict[str, jax.Array] = {}
+        if self.use_scale:
+            params["scale"] = self.param(
+                "scale", self.scale_init, features, self.param_dtype
+            )
+        if self.use_bias:
+            params["bias"] = self.param("bias", self.bias_init, features, self.param_dtype)
+
+        def initial(name: str) -> jax.Array:
+            return compat.initial_stats(features)[name]
+
+        # Statistics saved by flax.linen.BatchNorm have no count: converged.
+        from_flax = self.has_variable("batch_stats", "mean") and not self.has_variable(
+            "batch_stats", "count"
+        )
+        first_count = jnp.asarray(CONVERGED_COUNT if from_flax else 0, jnp.int32)
+        mean = self.variable("batch_stats", "mean", initial, "mean")
+        var = self.variable("batch_stats", "var", initial, "var")
+        count = None
+        if self.is_mutable_collection("batch_stats") or not from_flax:
+            count = self.variable("batch_stats", "count", lambda: first_count)
+        stats = {
+            "mean": mean.value,
+            "var": var.value,
+            "count": first_count if count is None else count.value,
+        }
+
+        out_dtype = self.dtype
+        if out_dtype is None:  # Flax's promotion of x with the params
+            out_dtype = jnp.result_type(x, *params.values())
+        layer = compat.core_layer(self, out_dtype)
+        y, stats = layer.apply(params, stats, x, train=train, mask=mask)
+        if train is not False and count is not None:
+            mean.value, var.value, count.value = (
+                stats["mean"],
+                stats["var"],
+                stats["count"],
+            )
+        return y
+
+
+def from_flax_variables(
+    variables: Mapping[str, Any], count: int = CONVERGED_COUNT
+) -> dict[str, Any]:
+    """Variables of a model using ``flax.linen.BatchNorm``, ready for jaxbn.
+
+    Adds ``count`` (int32) to every ``batch_stats`` entry that has ``mean`` and
+    ``var`` but no ``count``, and leaves everything else as it is (an existing
+    ``count`` is kept). The default count, :data:`CONVERGED_COUNT` (``2**30``),
+    marks the statistics as converged: warm-up is over and the decay is
+    ``momentum`` from the first step, as in Flax, so fine-tuning does not
+    overwrite pretrained statistics with the first batch's. Pass ``count=0``
+    to restart the warm-up instead.
+
+    Args:
+      variables: the variable dict of the Flax model, with a ``batch_stats``
+        collection (e.g. restored from a checkpoint).
+      count: the count to record, an int in ``[0, 2**31 - 2]``.
+
+    Returns:
+      A new variable dict; the input is not modified.
+
+    Raises:
+      ValueError: if ``variables`` has no ``batch_stats`` collection, or
+        ``count`` is out of range.
+      TypeError: if ``count`` is not an int.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> import flax.linen as nn
+      >>> import jaxbn.linen
+      >>> x = jnp.ones((4, 3))
+      >>> old = nn.BatchNorm(use_running_average=True).init(jax.random.key(0), x)
+      >>> variables = jaxbn.linen.from_flax_variables(old)
+      >>> variables["batch_stats"]["count"]
+      Array(1073741824, dtype=int32)
+      >>> model = jaxbn.linen.BatchNorm(use_running_average=True)
+      >>> model.apply(variables, x).shape
+      (4, 3)
+    """
+    count = compat.check_count(count)
+    if "batch_stats" not in variables:
+        raise ValueError(
+            f"variables has collections {sorted(variables)} but no 'batch_stats'; "
+            "pass the whole variable dict of the model, e.g. the one returned by "
+            "model.init or restored from its checkpoint."
+        )
+    out = dict(variables)
+    out["batch_stats"] = compat.converged(variables["batch_stats"], count)
+    return out

@@ -1,0 +1,260 @@
+"""``jaxbn.nnx.BatchNorm``: a drop-in for ``flax.nnx.BatchNorm``.
+
+Replace ``nnx.BatchNorm`` with ``jaxbn.nnx.BatchNorm`` and keep the rest of the
+model: the same constructor, ``model.train()`` / ``model.eval()``, ``nnx.jit``
+and ``nnx.Optimizer``. The running statistics are ``nnx.BatchStat`` variables
+``mean``, ``var`` and jaxbn's ``count``. The maths is :func:`jaxbn.batch_norm`'s;
+this module only owns the variables.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax.nnx.nn import dtypes, initializers
+
+from . import _flax_compat as compat
+from ._flax_compat import CONVERGED_COUNT as CONVERGED_COUNT
+
+__all__ = ["CONVERGED_COUNT", "BatchNorm", "mark_converged"]
+
+_NO_MODE = (
+    "No use_running_average was given to jaxbn.nnx.BatchNorm. Pass it to the "
+    "constructor (use_running_average=False to train), at call time "
+    "(bn(x, use_running_average=True)), or switch the whole model with "
+    "model.train() / model.eval()."
+)
+
+
+class BatchNorm(nnx.Module):
+    """Batch normalization with Flax NNX's interface and jaxbn's core.
+
+    The arguments are those of ``flax.nnx.BatchNorm`` with the same defaults,
+    plus ``warmup``; see :func:`jaxbn.batch_norm` for the maths. Differences
+    from Flax:
+
+    * ``warmup=True`` (default) warms the running-average decay up from 0.1 to
+      ``momentum`` over the first updates, counted by the ``count``
+      ``nnx.BatchStat``. ``warmup=False`` updates exactly like Flax.
+    * Statistics are computed from x in float32 and in two passes, whatever
+      ``dtype``: ``use_fast_variance`` is accepted and ignored, and
+      ``promote_dtype`` only decides the output dtype (by default the promotion
+      of x, the statistics and the params, as in Flax).
+    * ``use_running_average`` may also be a scalar boolean array, choosing the
+      mode at run time in one compiled function.
+
+    Args:
+      num_features: the number of features (for several feature axes, their
+        product).
+      use_running_average: True normalizes with the stored statistics
+        (evaluation), False with the batch's, updating them (training); set by
+        ``model.eval()`` / ``model.train()``, overridden at call time.
+      axis: the feature axis, or a tuple of them.
+      momentum: decay of the running average, in ``[0, 1)``.
+      epsilon: added to the variance.
+      dtype: output dtype; default from ``promote_dtype``.
+      param_dtype: dtype of scale and bias.
+      use_bias: whether to learn a bias.
+      use_scale: whether to learn a scale.
+      bias_init: initializer of the bias.
+      scale_init: initializer of the scale.
+      axis_name: named axis of ``shard_map``/``pmap``/``vmap`` over which to
+        synchronize statistics.
+      axis_index_groups: groups of ``axis_name`` indices with separate statistics.
+      use_fast_variance: accepted for compatibility; jaxbn's variance is always
+        the stable two-pass one.
+      promote_dtype: Flax's dtype promotion ``(args, dtype=...) -> args`` of
+        ``(x, mean, var, scale, bias)``; its dtype for x is the output dtype.
+      rngs: the ``nnx.Rngs`` whose ``params`` stream initializes scale and bias.
+      bias_metadata: metadata of the bias ``nnx.Param``.
+      scale_metadata: metadata of the scale ``nnx.Param``.
+      warmup: whether the running-average decay warms up (jaxbn's default).
+
+    Raises:
+      ValueError, TypeError: for invalid hyperparameters, when constructed (see
+        :func:`jaxbn.batch_norm`).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> import jaxbn.nnx
+      >>> bn = jaxbn.nnx.BatchNorm(2, momentum=0.9, rngs=nnx.Rngs(0))
+      >>> x = jnp.array([[1.0, 10.0], [3.0, 30.0]])
+      >>> bn(x)
+      Array([[-1., -1.],
+             [ 1.,  1.]], dtype=float32)
+      >>> bn.mean[...], bn.count[...]
+      (Array([ 1.8, 18. ], dtype=float32), Array(1, dtype=int32))
+      >>> bn.eval()
+      >>> y = bn(x)
+      >>> bn.count[...]  # evaluation leaves the statistics alone
+      Array(1, dtype=int32)
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        use_running_average: bool | None = False,
+        axis: int | Sequence[int] = -1,
+        momentum: float = 0.99,
+        epsilon: float = 1e-5,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        use_bias: bool = True,
+        use_scale: bool = True,
+        bias_init: Any = initializers.zeros_init(),
+        scale_init: Any = initializers.ones_init(),
+        axis_name: Any = None,
+        axis_index_groups: Any = None,
+        use_fast_variance: bool = True,
+        promote_dtype: Any = dtypes.promote_dtype,
+        rngs: nnx.Rngs,
+        bias_metadata: Mapping[str, Any] = MappingProxyType({}),
+        scale_metadata: Mapping[str, Any] = MappingProxyType({}),
+        warmup: bool = True,
+    ):
+        feature_shape = (num_features,)
+        stats = compat.initial_stats(feature_shape)
+        self.mean = nnx.BatchStat(stats["mean"])  # shape=(num_features,), f32
+        self.var = nnx.BatchStat(stats["var"])  # shape=(num_features,), f32
+        self.count = nnx.BatchStat(stats["count"])  # shape=(), int32
+
+        self.scale: nnx.Param[jax.Array] | None
+        if use_scale:
+            key = rngs.params()
+            self.scale = nnx.Param(
+                scale_init(key, feature_shape, param_dtype), **scale_metadata
+            )
+        else:
+            self.scale = nnx.data(None)
+        self.bias: nnx.Param[jax.Array] | None
+        if use_bias:
+            key = rngs.params()
+            self.bias = nnx.Param(
+                bias_init(key, feature_shape, param_dtype), **bias_metadata
+            )
+        else:
+            self.bias = nnx.data(None)
+
+        self.num_features = num_features
+        self.use_running_average = use_running_average
+        self.axis = axis
+        self.momentum = momentum
+        self.epsilon = epsilon
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        self.use_bias = use_bias
+        self.use_scale = use_scale
+        self.axis_name = axis_name
+        self.axis_index_groups = axis_index_groups
+        self.use_fast_variance = use_fast_variance
+        self.promote_dtype = promote_dtype
+        self.warmup = warmup
+        compat.core_layer(self, dtype)  # checks the hyperparameters now
+
+    def __call__(
+        self,
+        x: jax.Array,
+        use_running_average: bool | jax.Array | None = None,
+        *,
+        mask: jax.Array | None = None,
+    ) -> jax.Array:
+        """Normalizes ``x``, updating the statistics in training.
+
+        Args:
+          x: the input, a floating array.
+          use_running_average: overrides the attribute for this call.
+          mask: optional boolean array broadcastable to x; the statistics use only
+            its True entries.
+
+        Returns:
+          The normalized x.
+
+        Raises:
+          ValueError: if x's features do not number ``num_features``; if no
+            mode is set; for the core's errors (see :func:`jaxbn.batch_norm`).
+          TypeError: for the core's type errors (e.g. integer x).
+        """
+        if use_running_average is None:
+            use_running_average = self.use_running_average
+        if use_running_average is None:
+            raise ValueError(_NO_MODE)
+        train = compat.train_flag(use_running_average)
+        features = compat.feature_shape(x, self.axis)
+        if math.prod(features) != self.num_features:
+            raise ValueError(
+                f"x of shape {tuple(x.shape)} has {math.prod(features)} features "
+                f"along axis {self.axis!r} but this BatchNorm was built with "
+                f"num_features={self.num_features}; build it with "
+                f"num_features={math.prod(features)} or check axis."
+            )
+        scale = None if self.scale is None else self.scale[...]
+        bias = None if self.bias is None else self.bias[...]
+        params = {}
+        if scale is not None:
+            params["scale"] = scale.reshape(features)
+        if bias is not None:
+            params["bias"] = bias.reshape(features)
+        stats = {
+            "mean": self.mean[...].reshape(features),
+            "var": self.var[...].reshape(features),
+            "count": self.count[...],
+        }
+        promoted = jax.eval_shape(
+            lambda args: self.promote_dtype(args, dtype=self.dtype),
+            (x, stats["mean"], stats["var"], scale, bias),
+        )
+        layer = compat.core_layer(self, promoted[0].dtype)
+        y, stats = layer.apply(params, stats, x, train=train, mask=mask)
+        if train is not False:
+            self.mean[...] = stats["mean"].reshape(self.mean.shape)
+            self.var[...] = stats["var"].reshape(self.var.shape)
+            self.count[...] = stats["count"]
+        return y
+
+    def set_view(self, use_running_average: bool | None = None) -> None:
+        """Sets the mode for ``nnx.view`` (like ``flax.nnx.BatchNorm``).
+
+        Args:
+          use_running_average: the new mode; None keeps the current one.
+        """
+        if use_running_average is not None:
+            self.use_running_average = use_running_average
+
+
+def mark_converged(module: nnx.Module, count: int = CONVERGED_COUNT) -> None:
+    """Marks the statistics of every ``jaxbn.nnx.BatchNorm`` in ``module`` converged.
+
+    Use it after loading statistics trained with ``flax.nnx.BatchNorm`` (which
+    have no ``count``) into a model built with jaxbn, e.g. with
+    ``nnx.update(model, flax_state)``: it sets every ``count`` to
+    :data:`CONVERGED_COUNT` (``2**30``), so warm-up is over and the decay is
+    ``momentum`` from the first step, as in Flax, and fine-tuning does not
+    overwrite pretrained statistics with the first batch's.
+
+    Args:
+      module: the model, changed in place.
+      count: the count to set, an int in ``[0, 2**31 - 2]``.
+
+    Raises:
+      TypeError, ValueError: if ``count`` is not such an int.
+
+    Examples:
+      >>> from flax import nnx
+      >>> import jaxbn.nnx
+      >>> bn = jaxbn.nnx.BatchNorm(3, rngs=nnx.Rngs(0))
+      >>> jaxbn.nnx.mark_converged(bn)
+      >>> bn.count[...]
+      Array(1073741824, dtype=int32)
+    """
+    count = compat.check_count(count)
+    for _, child in nnx.iter_modules(module):
+        if isinstance(child, BatchNorm):
+            child.count[...] = jnp.asarray(count, jnp.int32)
