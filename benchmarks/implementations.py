@@ -166,7 +166,7 @@ def _nnx_from_class(cls: Any, x: jax.Array) -> JaxBatchNorm:
     graphdef, params, stats, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
 
     def step(params, stats, x, train):
-        module = nnx.merge(graphdef, params, stats, rest)
+        module = nnx.merge(graphdef, params, stats, rest, copy=True)
         y = module(x, use_running_average=_not(train))
         return y, nnx.state(module, nnx.BatchStat)
 

@@ -92,7 +92,7 @@ def loss_grad_fd(
         _, mean, var = moments(x, axis)
         return float((normalize(x, axis, mean, var, s, b, epsilon) * cotangent).sum())
 
-    def grad_of(arr: np.ndarray, f) -> np.ndarray:  # noqa: ANN001
+    def grad_of(arr: np.ndarray, f) -> np.ndarray:
         g = np.zeros_like(arr, np.float64)
         flat = g.reshape(-1)
         for i in range(arr.size):

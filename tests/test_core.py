@@ -129,9 +129,9 @@ def test_gradient_invariants():
     cot = jnp.asarray(data((64, 6), seed=9))
     layer = jaxbn.batch_norm(center=False, scale=False)
     params, stats = layer.init(x)
-    gx = jax.grad(lambda x: jnp.sum(layer.apply(params, stats, x, train=True)[0] * cot))(
-        x
-    )
+    gx = jax.grad(
+        lambda x: jnp.sum(layer.apply(params, stats, x, train=True)[0] * cot)
+    )(x)
     xhat, _ = layer.apply(params, stats, x, train=True)
     np.testing.assert_allclose(jnp.sum(gx, axis=0), 0.0, atol=1e-4)
     np.testing.assert_allclose(jnp.sum(gx * xhat, axis=0), 0.0, atol=1e-4)

@@ -16,7 +16,11 @@ import jaxbn
         ({"momentum": 1.0}, ValueError, r"momentum must be in \[0, 1\), got 1.0"),
         ({"momentum": -0.1}, ValueError, r"momentum must be in \[0, 1\)"),
         ({"momentum": jnp.float32(0.9)}, TypeError, "momentum must be a Python float"),
-        ({"epsilon": 0.0}, ValueError, "epsilon must be a positive finite float, got 0.0"),
+        (
+            {"epsilon": 0.0},
+            ValueError,
+            "epsilon must be a positive finite float, got 0.0",
+        ),
         ({"epsilon": -1e-5}, ValueError, "epsilon must be a positive"),
         ({"axis": 1.5}, TypeError, "axis must be an int or a tuple of ints"),
         ({"axis": ()}, TypeError, "non-empty tuple"),
@@ -42,7 +46,10 @@ def layer_and_state():
 @pytest.mark.parametrize(
     ("axis", "match"),
     [
-        (2, r"axis=2 is out of range for x with 2 dimensions; expected values in \[-2, 1\]"),
+        (
+            2,
+            r"axis=2 is out of range for x with 2 dimensions; expected values in \[-2, 1\]",
+        ),
         (-3, "out of range"),
         ((0, -2), "names the same dimension twice"),
         ((0, 1), "leaving nothing to reduce over"),
@@ -123,7 +130,9 @@ def test_stats_of_the_wrong_dtype(layer_and_state):
 )
 def test_train_must_be_a_bool(train, layer_and_state):
     layer, params, stats, x = layer_and_state
-    with pytest.raises(TypeError, match="train must be a Python bool or a scalar boolean"):
+    with pytest.raises(
+        TypeError, match="train must be a Python bool or a scalar boolean"
+    ):
         layer.apply(params, stats, x, train=train)
 
 
@@ -182,4 +191,6 @@ def test_bad_mask(mask, error, match, layer_and_state):
 def test_mask_may_not_enlarge_x(layer_and_state):
     layer, params, stats, _ = layer_and_state
     with pytest.raises(ValueError, match="would enlarge x"):
-        layer.apply(params, stats, jnp.ones((1, 64)), train=True, mask=jnp.ones((4, 64), bool))
+        layer.apply(
+            params, stats, jnp.ones((1, 64)), train=True, mask=jnp.ones((4, 64), bool)
+        )
