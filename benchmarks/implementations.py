@@ -13,7 +13,8 @@ A PyTorch entry's ``build(x)`` returns a :class:`TorchBatchNorm`.
 All entries use the same hyperparameters: features on the last axis, the
 statistics over every other axis, momentum 0.99 (PyTorch: 0.01), epsilon 1e-5,
 learnable scale and bias, and an output ``y`` of ``x``'s dtype (flax gets
-``dtype=x.dtype``; Equinox's float32 output is cast back, a cast XLA fuses).
+``dtype=x.dtype``; Equinox computes in float32 and its output is cast back to
+``x``'s dtype, casts that XLA fuses).
 
 ``build`` imports its framework itself: an entry whose import fails (jaxbn.linen
 not written yet, torch not installed) is skipped with the error as the reason.
@@ -216,7 +217,9 @@ def _equinox(x: jax.Array) -> JaxBatchNorm:
         module = eqx.combine(params, static)
 
         def one(xi, state):
-            return module(xi, state, inference=_not(train))
+            # mode="ema" cannot mix bfloat16 batch statistics with its float32
+            # running ones (lax.select), so x enters as float32 (a fused cast).
+            return module(xi.astype(jnp.float32), state, inference=_not(train))
 
         for name in reversed(names):
             one = jax.vmap(one, in_axes=(0, None), out_axes=(0, None), axis_name=name)

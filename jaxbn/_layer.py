@@ -8,6 +8,7 @@ from typing import Any, NamedTuple, Protocol
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.typing import ArrayLike
 
 from . import _validation as v
 from ._fused import fused_training
@@ -38,7 +39,7 @@ class ApplyFn(Protocol):
         x: jax.Array,
         *,
         train: bool | jax.Array,
-        mask: jax.Array | None = None,
+        mask: ArrayLike | None = None,
     ) -> tuple[jax.Array, BatchStats]: ...
 
 
@@ -214,7 +215,7 @@ def batch_norm(
         x: jax.Array,
         *,
         train: bool | jax.Array,
-        mask: jax.Array | None = None,
+        mask: ArrayLike | None = None,
     ) -> tuple[jax.Array, BatchStats]:
         axes, feature_shape, kept = geometry(x)
         train = v.check_train(train)
@@ -236,6 +237,7 @@ def batch_norm(
         )
         if mask is not None:
             v.check_mask(mask, tuple(x.shape))
+            mask = jnp.asarray(mask)
         reduction_axes = tuple(i for i in range(x.ndim) if i not in axes)
         out_dtype = x.dtype if dtype is None else dtype
         gamma = params["scale"].reshape(kept) if scale else None

@@ -7,6 +7,7 @@ dtypes.
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -85,7 +86,7 @@ def check_epsilon(epsilon: Any) -> float:
     """Checks ``epsilon > 0``."""
     if isinstance(epsilon, bool) or not isinstance(epsilon, numbers.Real):
         raise TypeError(f"epsilon must be a positive Python float, got {epsilon!r}.")
-    if not float(epsilon) > 0.0 or not np.isfinite(epsilon):
+    if not float(epsilon) > 0.0 or not math.isfinite(float(epsilon)):
         raise ValueError(
             f"epsilon must be a positive finite float, got {epsilon!r}; it keeps "
             "rsqrt(var + epsilon) finite for a constant feature. Use e.g. 1e-5."
@@ -218,7 +219,7 @@ def check_mask(mask: Any, x_shape: tuple[int, ...]) -> None:
             f"{getattr(mask, 'dtype', type(mask).__name__)}; build it with a "
             "comparison, e.g. mask = lengths[:, None] > jnp.arange(T)."
         )
-    if mask.ndim != len(x_shape):
+    if np.ndim(mask) != len(x_shape):
         raise ValueError(
             f"mask has shape {mask.shape} but x has shape {x_shape}; give mask the "
             "same number of dimensions as x (use size-1 dimensions to broadcast, "

@@ -115,7 +115,7 @@ def test_pain_no_moments_in_eval():
     jaxpr = jax.make_jaxpr(evaluate)(params, stats, x)
     assert not _primitives(jaxpr.jaxpr) & REDUCTIONS
     hlo = jax.jit(evaluate).lower(params, stats, x).compile().as_text()
-    assert "reduce(" not in hlo
+    assert hlo is not None and "reduce(" not in hlo
     # The check can fail: the training jaxpr does reduce.
     train_jaxpr = jax.make_jaxpr(lambda p, s, x: layer.apply(p, s, x, train=True))
     assert _primitives(train_jaxpr(params, stats, x).jaxpr) & REDUCTIONS
