@@ -30,9 +30,20 @@ def _header(run: dict[str, Any]) -> list[str]:
     versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items())
     load = "/".join(f"{v:.2f}" for v in run["loadavg_start"])
     load_end = "/".join(f"{v:.2f}" for v in run["loadavg_end"])
+    busy = max(run["loadavg_start"][0], run["loadavg_end"][0]) > 0.5 * m["cores"]
+    warning = (
+        [
+            "**Taken under load** (1-minute load average above half the cores): "
+            "other processes shared the CPU, so these figures are noisy.",
+            "",
+        ]
+        if busy
+        else []
+    )
     return [
         f"## Allocator {_allocator(run)}",
         "",
+        *warning,
         f"- Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, "
         f"last-level cache {m['llc_bytes'] / _MIB:.0f} MiB; {m['platform']}",
         f"- Versions: {versions}",

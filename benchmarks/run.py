@@ -15,6 +15,7 @@ import datetime
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -82,6 +83,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         help="cache-flush buffer in MiB (default: 1.25 x the last-level cache)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the shuffles")
+    p.add_argument("--command", default=None, help=argparse.SUPPRESS)
     p.add_argument("--json", default=None, help="write the results to this path")
     p.add_argument("--markdown", default=None, help="write the tables to this path")
     args = p.parse_args(argv)
@@ -271,6 +273,7 @@ def _traces(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _run_here(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
+    from benchmarks.implementations import BY_NAME
     from benchmarks.timing import CacheFlusher, last_level_cache_bytes
 
     flush_bytes = (
@@ -288,8 +291,10 @@ def _run_here(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         "warmup": args.warmup,
         "loadavg_start": os.getloadavg(),
         "machine": _machine(flush_bytes),
-        "command": " ".join(["python -m benchmarks.run", *argv]),
+        "command": args.command
+        or shlex.join(["python", "-m", "benchmarks.run", *argv]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "implementations": {name: BY_NAME[name].note for name in args.impls.split(",")},
         "shapes": [],
     }
     shapes = {**SHAPES, **QUICK_SHAPES}
@@ -324,8 +329,10 @@ def _run_child(setting: str, argv: list[str]) -> dict[str, Any]:
             "inherit",
             "--json",
             path,
+            "--command",
+            shlex.join(["python", "-m", "benchmarks.run", *argv]),
         ]
-        _log(f"== allocator {setting}: {' '.join(command[1:])}")
+        _log(f"== allocator {setting}: {shlex.join(command[1:])}")
         # The child's own table goes to stderr; this process prints them all.
         subprocess.run(command, env=_child_env(setting), check=True, stdout=sys.stderr)
         with open(path) as f:
@@ -341,10 +348,10 @@ def _strip_outputs(argv: list[str]) -> list[str]:
         if skip:
             skip = False
             continue
-        if a in ("--json", "--markdown", "--allocator"):
+        if a in ("--json", "--markdown", "--allocator", "--command"):
             skip = True
             continue
-        if a.split("=", 1)[0] in ("--json", "--markdown", "--allocator"):
+        if a.split("=", 1)[0] in ("--json", "--markdown", "--allocator", "--command"):
             continue
         out.append(a)
     return out

@@ -118,11 +118,55 @@ def fused_training(
         groups = tuple(tuple(int(i) for i in g) for g in axis_index_groups)
     config = _Config(tuple(reduction_axes), float(epsilon), axis_name, groups, dtype)
     fallback_shift = lax.stop_gradient(fallback_shift.astype(jnp.float32))
+    if axis_name is not None:
+        scale, bias = _varying_as(scale, x), _varying_as(bias, x)
     return _train(config, x, mask, scale, bias, fallback_shift)
+
+
+def _varying(a: jax.Array) -> frozenset:
+    manual = getattr(jax.typeof(a), "mat", None)
+    return frozenset() if manual is None else frozenset(manual.varying)
+
+
+def _varying_as(a: jax.Array | None, x: jax.Array) -> jax.Array | None:
+    """``a`` marked as varying over the ``jax.shard_map`` axes that x varies over.
+
+    The backward returns each device's own gradient of scale and bias, typed
+    like x; the transpose of this cast then sums them across devices, as
+    autodiff would. Under ``jax.vmap`` nothing varies and ``a`` is returned.
+    """
+    if a is None:
+        return None
+    missing = tuple(sorted(_varying(x) - _varying(a), key=str))
+    return lax.pcast(a, missing, to="varying") if missing else a
 
 
 def _psum(x: jax.Array, config: _Config) -> jax.Array:
     return psum_in_groups(x, config.axis_name, config.groups)
+
+
+def _psum_backward(x: jax.Array, config: _Config) -> jax.Array:
+    """``_psum`` for the backward, where ``jax.vmap`` binds no axis size.
+
+    Grouped sums that the collective does not implement (``jax.vmap``,
+    ``jax.shard_map``) go through a table with one row per group, as in
+    ``_statistics._psum``; the forward has already checked the groups.
+    """
+    groups = config.groups
+    if groups is None:
+        return lax.psum(x, config.axis_name)
+    try:
+        return lax.psum(x, config.axis_name, axis_index_groups=groups)
+    except NotImplementedError:
+        pass
+    group_of = [0] * sum(len(g) for g in groups)
+    for k, g in enumerate(groups):
+        for i in g:
+            group_of[i] = k
+    mine = jnp.asarray(group_of, jnp.int32)[lax.axis_index(config.axis_name)]
+    rows = jnp.arange(len(groups), dtype=jnp.int32).reshape((-1,) + (1,) * x.ndim)
+    table = jnp.where(rows == mine, x[None], jnp.zeros_like(x[None]))
+    return lax.psum(table, config.axis_name)[mine]
 
 
 def _first_values(x: jax.Array, reduction_axes: tuple[int, ...]) -> jax.Array:
@@ -151,11 +195,19 @@ def _count(x: jax.Array, mask: jax.Array | None, axes: tuple[int, ...]) -> jax.A
 def _shifted_sums(
     x: jax.Array, mask: jax.Array | None, shift: jax.Array, axes: tuple[int, ...]
 ) -> tuple[jax.Array, jax.Array]:
-    """Sums of ``x - shift`` and its square over valid entries, in one fusion."""
-    d = x.astype(jnp.float32) - shift
+    """Sums of ``x - shift`` and its square over valid entries.
+
+    The two reductions are given distinct producers (``x + (-shift)`` and ``x -
+    shift``): XLA:CPU writes a producer shared by two reductions to memory,
+    while an unshared one is fused into its reduction, which then reads only x.
+    """
+    xf = x.astype(jnp.float32)
+    d1 = xf + (-shift)
+    d2 = xf - shift
     if mask is not None:
-        d = jnp.where(mask, d, 0.0)  # NaN under False reaches no sum
-    return jnp.sum(d, axes, keepdims=True), jnp.sum(d * d, axes, keepdims=True)
+        d1 = jnp.where(mask, d1, 0.0)  # NaN under False reaches no sum
+        d2 = jnp.where(mask, d2, 0.0)
+    return jnp.sum(d1, axes, keepdims=True), jnp.sum(d2 * d2, axes, keepdims=True)
 
 
 def _moments(
@@ -246,20 +298,25 @@ def _train_bwd(config: _Config, residuals: tuple, cotangents: tuple) -> tuple:
     x, mask, scale, bias_dtype, count, shift, offset, r = residuals
     dy = cotangents[0].astype(jnp.float32)  # the statistics carry no gradient
     axes = config.reduction_axes
-    xhat = ((x.astype(jnp.float32) - shift) - offset) * r
-    dy_xhat = dy * xhat
+    centred = x.astype(jnp.float32) - shift
+    # sum(dy * xhat) = r * (sum(dy * (x - shift)) - offset * sum(dy)): the
+    # reductions read x and dy only, with no full-size xhat written first.
+    dy_centred = dy * centred
     if mask is not None:
         # A NaN under False with a zero cotangent must not poison the sums.
-        dy_xhat = jnp.where(dy == 0.0, 0.0, dy_xhat)
+        dy_centred = jnp.where(dy == 0.0, 0.0, dy_centred)
     sum_dy = jnp.sum(dy, axes, keepdims=True)
-    sum_dy_xhat = jnp.sum(dy_xhat, axes, keepdims=True)
+    sum_dy_xhat = r * (jnp.sum(dy_centred, axes, keepdims=True) - offset * sum_dy)
     dscale = None if scale is None else sum_dy_xhat.astype(scale.dtype)
     dbias = None if bias_dtype is None else sum_dy.astype(bias_dtype.dtype)
     if config.axis_name is not None:
-        sums = _psum(jnp.stack([sum_dy, sum_dy_xhat]), config)
+        sums = _psum_backward(jnp.stack([sum_dy, sum_dy_xhat]), config)
         sum_dy, sum_dy_xhat = sums[0], sums[1]
     inv_n = 1.0 / jnp.maximum(count, 1.0)
     gain = r if scale is None else r * scale.astype(jnp.float32)
+    # Its own ``x + (-shift)``, not ``centred``: a producer shared with the
+    # reduction above would be written to memory.
+    xhat = ((x.astype(jnp.float32) + (-shift)) - offset) * r
     dx = gain * (dy - sum_dy * inv_n - xhat * (sum_dy_xhat * inv_n))
     if mask is not None:
         dx = jnp.where(mask, dx, gain * dy)

@@ -139,8 +139,8 @@ def batch_norm(
       the chosen branch runs). ``mask``, a boolean array broadcastable to x,
       restricts the statistics to its True entries; entries under False are
       normalized like the others, except that a non-finite one (NaN padding)
-      is read as 0, so it reaches neither the statistics nor any gradient. In evaluation ``mask``
-      is checked and otherwise ignored.
+      is read as 0, so it reaches neither the statistics nor any gradient. In
+      evaluation ``mask`` is checked and otherwise ignored.
 
     Raises:
       TypeError: for a non-floating x, dtype or param_dtype; a ``train`` that is

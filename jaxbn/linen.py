@@ -151,7 +151,9 @@ class BatchNorm(nn.Module):
                 "scale", self.scale_init, features, self.param_dtype
             )
         if self.use_bias:
-            params["bias"] = self.param("bias", self.bias_init, features, self.param_dtype)
+            params["bias"] = self.param(
+                "bias", self.bias_init, features, self.param_dtype
+            )
 
         def initial(name: str) -> jax.Array:
             return compat.initial_stats(features)[name]

@@ -24,6 +24,8 @@ from ._flax_compat import CONVERGED_COUNT as CONVERGED_COUNT
 
 __all__ = ["CONVERGED_COUNT", "BatchNorm", "mark_converged"]
 
+_ZEROS = initializers.zeros_init()
+_ONES = initializers.ones_init()
 _NO_MODE = (
     "No use_running_average was given to jaxbn.nnx.BatchNorm. Pass it to the "
     "constructor (use_running_average=False to train), at call time "
@@ -109,8 +111,8 @@ class BatchNorm(nnx.Module):
         param_dtype: Any = jnp.float32,
         use_bias: bool = True,
         use_scale: bool = True,
-        bias_init: Any = initializers.zeros_init(),
-        scale_init: Any = initializers.ones_init(),
+        bias_init: Any = _ZEROS,
+        scale_init: Any = _ONES,
         axis_name: Any = None,
         axis_index_groups: Any = None,
         use_fast_variance: bool = True,

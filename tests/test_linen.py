@@ -17,14 +17,27 @@ import jaxbn.linen
 GEOMETRIES = [(-1, (8, 5)), (1, (4, 3, 5)), ((1, 2), (4, 3, 5, 2)), (-1, (4, 6, 6, 3))]
 
 
-def assert_close(actual: Any, expected: Any, tol: float) -> None:
-    """Each leaf within ``tol`` times max(1, its largest magnitude)."""
+def assert_close(actual: Any, expected: Any, tol: float, scaled: bool = True) -> None:
+    """Each leaf within ``tol`` (times max(1, its largest magnitude) if scaled)."""
     chex.assert_trees_all_equal_structs(actual, expected)
     for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
         assert a.dtype == e.dtype and a.shape == e.shape
         a, e = np.asarray(a, np.float32), np.asarray(e, np.float32)
-        scale = max(1.0, float(np.max(np.abs(e))))
+        scale = max(1.0, float(np.max(np.abs(e)))) if scaled else 1.0
         np.testing.assert_allclose(a, e, rtol=0, atol=tol * scale)
+
+
+def assert_grads_close(actual: Any, expected: Any, tol: float, n: int) -> None:
+    """Gradients (params, x); those of params are sums over n values per feature.
+
+    In float32 (tol < 1e-3) the order in which XLA sums n terms of size up to ~3
+    moves a parameter's gradient by up to ~2e-6 * n whoever computes it (Flax
+    itself is as far from a float64 reference), so that is their tolerance.
+    """
+    low_precision = tol >= 1e-3
+    param_tol = tol if low_precision else 2e-6 * n
+    assert_close(actual[0], expected[0], param_tol, scaled=low_precision)
+    assert_close(actual[1], expected[1], max(tol, 2e-6))
 
 
 def data(step: int, shape: tuple, dtype: Any = jnp.float32) -> jax.Array:
@@ -52,26 +65,27 @@ def train_step(model: nn.Module, variables: dict, x: jax.Array):
         return jnp.sum(jnp.sin(y.astype(jnp.float32))), (y, updates)
 
     grad = jax.grad(loss, argnums=(0, 1), has_aux=True)
-    grads, (y, updates) = grad(variables["params"], x)
+    grads, (y, updates) = grad(variables.get("params", {}), x)
     return y, grads, {**variables, **updates}
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def eval_step(model: nn.Module, variables: dict, x: jax.Array) -> jax.Array:
+def eval_step(model: nn.Module, variables: dict, x: jax.Array) -> Any:
     return model.clone(use_running_average=True).apply(variables, x)
 
 
 def train_both(ref, ours, shape, dtype, tol, steps=4):
     x = data(0, shape, dtype)
+    n = x.size // ours.init(jax.random.key(0), x)["batch_stats"]["mean"].size
     v_ref = ref.init(jax.random.key(0), x)
     v_ours = ours.init(jax.random.key(0), x)
-    assert_close(v_ours["params"], v_ref["params"], 0.0)
+    assert_close(v_ours.get("params"), v_ref.get("params"), 0.0)
     for step in range(steps):
         x = data(step, shape, dtype)
         y_ref, g_ref, v_ref = train_step(ref, v_ref, x)
         y_ours, g_ours, v_ours = train_step(ours, v_ours, x)
         assert_close(y_ours, y_ref, tol)
-        assert_close(g_ours, g_ref, tol)
+        assert_grads_close(g_ours, g_ref, tol, n)
         assert_close(stats_only(v_ours["batch_stats"]), v_ref["batch_stats"], tol)
     assert_close(eval_step(ours, v_ours, x), eval_step(ref, v_ref, x), tol)
     return v_ref, v_ours
@@ -81,8 +95,8 @@ def train_both(ref, ours, shape, dtype, tol, steps=4):
 @pytest.mark.parametrize("axis,shape", GEOMETRIES)
 def test_parity_with_flax_linen(axis, shape, fast):
     # Flax's default E[x^2] - E[x]^2 loses about two bits on this data (mean 3,
-    # std 2), and the gradients amplify it: hence 1e-5 against 1e-6.
-    tol = 1e-5 if fast else 1e-6
+    # std 2), which moves its outputs by up to ~2e-6: hence 5e-6 against 1e-6.
+    tol = 5e-6 if fast else 1e-6
     options = {"use_running_average": False, "axis": axis, "momentum": 0.9}
     ref = nn.BatchNorm(use_fast_variance=fast, **options)
     ours = jaxbn.linen.BatchNorm(warmup=False, **options)
@@ -134,7 +148,8 @@ def test_training_without_mutable_batch_stats_says_to_pass_it():
     with pytest.raises(ValueError, match=r"mutable=\['batch_stats'\]"):
         model.apply(variables, x, use_running_average=False)
     # Evaluation needs no mutable collection.
-    assert model.apply(variables, x, use_running_average=True).shape == (4, 3)
+    y: Any = model.apply(variables, x, use_running_average=True)
+    assert y.shape == (4, 3)
 
 
 def test_init_records_nothing_and_takes_one_example():
@@ -172,7 +187,7 @@ def test_traced_use_running_average_one_compilation():
             variables, x, use_running_average=evaluate, mutable=["batch_stats"]
         )
 
-    y, trained = step(variables, x, jnp.asarray(False))
+    _, trained = step(variables, x, jnp.asarray(False))
     assert int(trained["batch_stats"]["count"]) == 1
     y_eval, same = step({**variables, **trained}, x, jnp.asarray(True))
     chex.assert_trees_all_equal(same, trained)
@@ -251,7 +266,7 @@ def cnn_train_step(variables: dict, x: jax.Array) -> dict:
     return {"params": params, **updates}
 
 
-def trained_cnn(steps: int = 3) -> tuple[dict, jax.Array]:
+def trained_cnn(steps: int = 3) -> tuple[Any, jax.Array]:
     x = data(0, (4, 6, 6, 2))
     variables = CNN().init(jax.random.key(0), x, train=False)
     for step in range(steps):
@@ -261,7 +276,7 @@ def trained_cnn(steps: int = 3) -> tuple[dict, jax.Array]:
 
 def test_pain_scope_reuse():
     x = data(0, (4, 6, 6, 2))
-    initial = CNN().init(jax.random.key(0), x, train=False)
+    initial: Any = CNN().init(jax.random.key(0), x, train=False)
     layers = sorted(initial["batch_stats"])
     assert layers == ["BatchNorm_0", "BatchNorm_1", "BatchNorm_2"]
     trained, _ = trained_cnn()

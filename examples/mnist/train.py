@@ -298,16 +298,18 @@ def evaluate(
 
 
 def _relative_change(new: Any, old: Any) -> dict[str, dict[str, float]]:
-    """Relative change of each layer's running mean and variance."""
+    """Change of each layer's running mean and variance, relative to their norm.
+
+    Divides by the larger of the two norms, so that leaving the initial zero mean
+    counts as a change of 1 rather than an infinite one.
+    """
     out: dict[str, dict[str, float]] = {}
     for layer, stats in new.items():
-        out[layer] = {
-            name: float(
-                np.linalg.norm(stats[name] - old[layer][name])
-                / max(float(np.linalg.norm(old[layer][name])), 1e-12)
-            )
-            for name in ("mean", "var")
-        }
+        out[layer] = {}
+        for name in ("mean", "var"):
+            a, b = np.asarray(stats[name]), np.asarray(old[layer][name])
+            scale = max(float(np.linalg.norm(a)), float(np.linalg.norm(b)), 1e-12)
+            out[layer][name] = float(np.linalg.norm(a - b)) / scale
     return out
 
 
