@@ -178,6 +178,18 @@ class JaxCases:
                 facts["fwdbwd_temp_bytes"] = int(analysis.temp_size_in_bytes)
         except Exception as e:  # memory_analysis is best effort per backend
             facts["fwdbwd_temp_bytes_error"] = repr(e)
+        if self.donate:  # how many output bytes reuse the donated x, per op
+            for op, fn, args in (
+                ("fwd", self.train, (self.params, self.bn.stats, self.x)),
+                ("eval", self.evaluate, (self.params, self.trained_stats, self.x)),
+                ("fwdbwd", self.fwdbwd, (self.x, self.params, self.bn.stats, self.g)),
+            ):
+                try:
+                    analysis = fn.lower(*args).compile().memory_analysis()
+                    if analysis is not None:
+                        facts[f"{op}_alias_bytes"] = int(analysis.alias_size_in_bytes)
+                except Exception as e:
+                    facts[f"{op}_alias_bytes_error"] = repr(e)
         return facts
 
 

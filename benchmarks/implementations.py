@@ -293,7 +293,7 @@ def _torch(x: jax.Array) -> TorchBatchNorm:
 def to_torch(torch: Any, x: jax.Array) -> Any:
     """The bytes of NHWC (or NC) ``x`` as a channels_last NCHW (or NC) tensor."""
     if x.dtype == jnp.bfloat16:
-        array = np.asarray(x.astype(jnp.float32))
+        array = np.array(x.astype(jnp.float32))  # writable, as torch wants
         tensor = torch.from_numpy(array).to(torch.bfloat16)
     else:
         tensor = torch.from_numpy(np.array(x))

@@ -93,25 +93,35 @@ def _shape_table(shape: dict[str, Any]) -> list[str]:
 
 def _facts_table(shape: dict[str, Any]) -> list[str]:
     size = shape["bytes"]
+    donated = any("fwd_alias_bytes" in f for f in shape["facts"].values())
+    extra_head = " outputs in donated x ÷ S (fwd/eval/fwdbwd) |" if donated else ""
     lines = [
         f"Per implementation, {shape['name']}:",
         "",
         "| implementation | vjp residuals MiB | residuals ÷ S | of which inputs "
         "MiB | fwd+bwd XLA temp ÷ S | y dtype | trace+lower ms "
-        "| compile ms |",
-        "|---|---:|---:|---:|---:|---|---:|---:|",
+        "| compile ms |" + extra_head,
+        "|---|---:|---:|---:|---:|---|---:|---:|" + ("---|" if donated else ""),
     ]
     for impl, f in shape["facts"].items():
         temp = f.get("fwdbwd_temp_bytes")
         c = shape["compile"].get(impl)
         lower = "–" if c is None else f"{1e3 * c['lower_s']:.0f}"
         compile_ms = "–" if c is None else f"{1e3 * c['compile_s']:.0f}"
+        extra = ""
+        if donated:
+            aliases = [f.get(f"{op}_alias_bytes") for op in ("fwd", "eval", "fwdbwd")]
+            extra = (
+                " "
+                + "/".join("–" if a is None else f"{a / size:.2f}" for a in aliases)
+                + " |"
+            )
         lines.append(
             f"| {impl} | {f['residual_bytes'] / _MIB:.1f} "
             f"| {f['residual_bytes'] / size:.2f} "
             f"| {f['residual_bytes_of_inputs'] / _MIB:.1f} "
             f"| {'–' if temp is None else f'{temp / size:.2f}'} | {f['y_dtype']} "
-            f"| {lower} | {compile_ms} |"
+            f"| {lower} | {compile_ms} |" + extra
         )
     lines.append("")
     return lines

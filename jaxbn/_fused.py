@@ -51,6 +51,7 @@ from jax import lax
 
 from ._normalize import normalize
 from ._statistics import ShiftedMoments
+from ._statistics import _first_values as _first_values
 from ._statistics import _psum as psum_in_groups
 
 # A second pass is taken when offset**2 > _RECENTRE * var for some feature: the
@@ -167,14 +168,6 @@ def _psum_backward(x: jax.Array, config: _Config) -> jax.Array:
     rows = jnp.arange(len(groups), dtype=jnp.int32).reshape((-1,) + (1,) * x.ndim)
     table = jnp.where(rows == mine, x[None], jnp.zeros_like(x[None]))
     return lax.psum(table, config.axis_name)[mine]
-
-
-def _first_values(x: jax.Array, reduction_axes: tuple[int, ...]) -> jax.Array:
-    """X at index 0 of every reduction axis, with x's rank."""
-    index = tuple(
-        slice(0, 1) if i in reduction_axes else slice(None) for i in range(x.ndim)
-    )
-    return x[index]
 
 
 def _kept(x: jax.Array, reduction_axes: tuple[int, ...]) -> tuple[int, ...]:

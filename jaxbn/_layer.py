@@ -184,7 +184,7 @@ def batch_norm(
 
     def geometry(x: Any) -> tuple[v.Axes, tuple[int, ...], tuple[int, ...]]:
         v.check_x(x)
-        axes = v.normalize_axes(axis_spec, len(x.shape))
+        axes = v.normalize_axes(axis_spec, len(x.shape), axis_name is not None)
         feature_shape = tuple(x.shape[a] for a in axes)
         kept = tuple(d if i in axes else 1 for i, d in enumerate(x.shape))
         return axes, feature_shape, kept

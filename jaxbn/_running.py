@@ -58,16 +58,20 @@ def update_running_stats(
     count, mean, var = (lax.stop_gradient(m) for m in moments)
     finite = jnp.all(jnp.isfinite(mean)) & jnp.all(jnp.isfinite(var))
     accept = finite & jnp.any(count > 0)
-    keep = jnp.logical_not(accept) | (count <= 0)
-    d = decay(batch_stats["count"], momentum, warmup)
+    # Weight 1 where the feature moves, 0 where it keeps its value. Arithmetic
+    # rather than ``where`` keeps the running statistics' sharding (a mesh with
+    # Explicit axes refuses a select between differently sharded operands).
+    step = (1.0 - decay(batch_stats["count"], momentum, warmup)) * (
+        accept & (count > 0)
+    ).astype(jnp.float32)
 
     def moved(old: jax.Array, new: jax.Array) -> jax.Array:
-        # Sanitize ``new`` so a rejected NaN batch cannot leak through ``where``.
-        new = jnp.where(keep, old, new)
-        return d * old + (1.0 - d) * new
+        # A rejected batch may hold NaN or inf: zero them so 0 * new stays 0.
+        new = jnp.nan_to_num(new, nan=0.0, posinf=0.0, neginf=0.0)
+        return old + step * (new - old)
 
     return {
-        "mean": jnp.where(keep, batch_stats["mean"], moved(batch_stats["mean"], mean)),
-        "var": jnp.where(keep, batch_stats["var"], moved(batch_stats["var"], var)),
+        "mean": moved(batch_stats["mean"], mean),
+        "var": moved(batch_stats["var"], var),
         "count": batch_stats["count"] + accept.astype(jnp.int32),
     }

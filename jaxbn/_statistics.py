@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import PartitionSpec as P
 
 AxisName = Hashable | tuple[Hashable, ...]
 
@@ -83,11 +84,20 @@ def _psum(x: jax.Array, axis_name: AxisName, groups: Any) -> jax.Array:
 
 
 def _first_values(x: jax.Array, reduction_axes: tuple[int, ...]) -> jax.Array:
-    """X at index 0 of every reduction axis, with x's rank."""
+    """x at index 0 of every reduction axis, with x's rank.
+
+    Under a mesh with Explicit axes, slicing a batch axis that is sharded is not
+    allowed directly; the slice then runs under ``auto_axes`` (one row moves).
+    """
     index = tuple(
         slice(0, 1) if i in reduction_axes else slice(None) for i in range(x.ndim)
     )
-    return x[index]
+    spec = tuple(getattr(getattr(jax.typeof(x), "sharding", None), "spec", ()) or ())
+    spec = spec + (None,) * (x.ndim - len(spec))
+    if not any(spec[i] is not None for i in reduction_axes):
+        return x[index]
+    out = P(*(None if i in reduction_axes else s for i, s in enumerate(spec)))
+    return jax.sharding.auto_axes(lambda x: x[index], out_sharding=out)(x)
 
 
 def shifted_moments(
@@ -147,6 +157,7 @@ def shifted_moments(
     global_m2 = both[0] - global_count * global_offset * global_offset
     global_var = jnp.maximum(global_m2 / global_count, 0.0)
     return ShiftedMoments(sums[0], common, global_offset, global_var)
+
 
 def batch_moments(
     x: jax.Array,

@@ -37,8 +37,14 @@ def check_axis_spec(axis: Any) -> int | tuple[int, ...]:
     return items
 
 
-def normalize_axes(axis: int | tuple[int, ...], ndim: int) -> Axes:
+def normalize_axes(
+    axis: int | tuple[int, ...], ndim: int, batch_elsewhere: bool = False
+) -> Axes:
     """Turns ``axis`` into sorted non-negative feature axes for an ``ndim``-D input.
+
+    ``batch_elsewhere`` (an ``axis_name`` is given) allows every dimension of x to
+    be a feature axis: the batch is then the mapped axis, as in a per-example
+    function under ``jax.vmap(..., axis_name=...)``.
 
     Raises:
       ValueError: if an axis is out of range or repeated.
@@ -57,11 +63,12 @@ def normalize_axes(axis: int | tuple[int, ...], ndim: int) -> Axes:
             f"axis={axis!r} names the same dimension twice for x with {ndim} "
             "dimensions; list each feature axis once."
         )
-    if len(axes) == ndim:
+    if len(axes) == ndim and not batch_elsewhere:
         raise ValueError(
             f"axis={axis!r} makes every dimension of x (ndim={ndim}) a feature axis, "
             "leaving nothing to reduce over; batch norm needs at least one batch "
-            "axis. Add a batch dimension to x."
+            "axis. Add a batch dimension to x, or give axis_name to normalize over "
+            "a mapped axis."
         )
     return axes
 

@@ -305,6 +305,7 @@ def test_residuals_are_about_one_input(dtype, mask_shape):
 def test_jit_vmap_and_remat_agree():
     axes = (0,)
     x, scale, bias, w, mask = inputs((4, 16, 3), (0, 1), jnp.float32, (4, 16, 1))
+    assert mask is not None
 
     def loss(x, scale, bias):
         def one(x, mask, w):
@@ -400,7 +401,7 @@ def test_layer_training_uses_the_custom_vjp():
     assert "custom_vjp_call" in str(jaxpr)
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=8, deadline=None)
 @given(
     shape=st.lists(st.integers(2, 5), min_size=2, max_size=4),
     data=st.data(),
@@ -421,10 +422,14 @@ def test_random_shapes_axes_and_masks(shape, data):
         mask = mask.at[tuple(0 if i in axes else slice(None) for i in range(ndim))].set(
             True
         )
-    grads = jax.grad(loss_of(fused, w, mask, axes=axes), (0, 1, 2))(x, scale, bias)
-    grads_ref = jax.grad(loss_of(reference, w, mask, axes=axes), (0, 1, 2))(
-        x, scale, bias
-    )
+    grads, grads_ref = jax.jit(
+        lambda x, scale, bias: tuple(
+            jax.grad(loss_of(fn, w, mask, axes=axes), (0, 1, 2))(x, scale, bias)
+            for fn in (fused, reference)
+        )
+    )(x, scale, bias)
     for g, g_ref in zip(grads, grads_ref, strict=True):
-        scale_of = float(jnp.max(jnp.abs(g_ref)))
-        chex.assert_trees_all_close(g, g_ref, atol=1e-4 * scale_of, rtol=1e-4)
+        # Two values per feature make tiny gradients from O(1) terms: absolute
+        # error at least ~1e-7 whatever the gradient's size.
+        scale_of = max(float(jnp.max(jnp.abs(g_ref))), 1.0)
+        chex.assert_trees_all_close(g, g_ref, atol=2e-5 * scale_of, rtol=1e-4)

@@ -420,6 +420,7 @@ def train_and_evaluate(config: Config, workdir: str | Path) -> TrainState:
     Returns:
         The final train state.
     """
+    run_start = time.perf_counter()
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     train_x, train_y = input_pipeline.load_split("train", limit=config.train_limit)
@@ -511,6 +512,10 @@ def train_and_evaluate(config: Config, workdir: str | Path) -> TrainState:
         )
     manager.wait_until_finished()
     manager.close()
+    tqdm.write(
+        f"Done in {time.perf_counter() - run_start:.0f} s (data loading, "
+        f"compilation, training, evaluation, checkpoints); see {workdir}."
+    )
     return state
 
 
