@@ -62,7 +62,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--quick",
         action="store_true",
-        help="smoke test: one small shape, 5 reps, 1 warm-up, both allocators",
+        help="smoke test: one small shape, 5 reps, 1 warm-up, this process only",
     )
     p.add_argument(
         "--donate",
@@ -72,9 +72,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--allocator",
         choices=("both", "tuned", "default", "inherit"),
-        default="both",
-        help="glibc malloc setting of the timed process(es); 'inherit' times in "
-        "this process with its environment as it is",
+        default=None,
+        help="glibc malloc setting of the timed process(es): both (default), "
+        "tuned, default, or inherit (time in this process with its environment "
+        "as it is; the default with --quick)",
     )
     p.add_argument(
         "--flush-mib",
@@ -91,6 +92,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         if args.shapes == ",".join(SHAPES):
             args.shapes = ",".join(QUICK_SHAPES)
         args.reps, args.warmup = 5, 1
+    if args.allocator is None:
+        args.allocator = "inherit" if args.quick else "both"
     known = {**SHAPES, **QUICK_SHAPES}
     for option, names, valid in (
         ("--shapes", args.shapes, known),

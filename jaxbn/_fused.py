@@ -5,20 +5,14 @@ the bytes of x. The training step here makes:
 
 Forward (``fused_training``), two passes, 3S of traffic:
 
-1. One fused reduction reads x and produces, per feature, the sums of
-   ``x - shift`` and ``(x - shift)**2`` (and the count, from the mask, when there
-   is one). The shift is each feature's first batch value (or the running mean
-   where that value is masked), so ``x - shift`` is exact near the mean and the
-   single-pass variance ``s2/n - (s1/n)**2`` does not cancel catastrophically.
-   If a feature's offset ``s1/n`` is still large against its spread (the shift
-   was a fallback far from the data), a second pass around ``shift + s1/n``
-   recomputes the sums (a ``lax.cond``: it costs nothing when not taken).
+1. ``_statistics.shifted_moments``: per feature, the sums of ``x - shift``
+   and ``(x - shift)**2`` around one of the feature's own values, each reduction
+   fused with its producer so that it reads x only (see that module).
 2. One elementwise pass reads x and writes ``y = ((x - shift) - offset) *
    (scale * rsqrt(var + epsilon)) + bias`` in the output dtype.
 
-Across devices (``axis_name``) the per-device count, mean and centred sum of
-squares are merged with Chan et al.'s formula: two all-reduces, as in
-``_statistics``.
+Across devices (``axis_name``) the statistics are merged there too: two
+all-reduces.
 
 Residuals: x in its own dtype (1S; no float32 copy for bfloat16/float16), the
 mask as given (not broadcast), and per-feature shift, offset, inverse standard
@@ -40,7 +34,6 @@ statistics returned for the running average carry no gradient.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Hashable, Sequence
 from functools import partial
 from typing import Any, NamedTuple
@@ -50,13 +43,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from ._normalize import normalize
-from ._statistics import ShiftedMoments
-from ._statistics import _first_values as _first_values
-from ._statistics import _psum as psum_in_groups
-
-# A second pass is taken when offset**2 > _RECENTRE * var for some feature: the
-# single-pass variance then loses about log2(_RECENTRE) bits to cancellation.
-_RECENTRE = 64.0
+from ._statistics import ShiftedMoments, psum_in_groups, shifted_moments
 
 
 class _Config(NamedTuple):
@@ -142,109 +129,6 @@ def _varying_as(a: jax.Array | None, x: jax.Array) -> jax.Array | None:
     return lax.pcast(a, missing, to="varying") if missing else a
 
 
-def _psum(x: jax.Array, config: _Config) -> jax.Array:
-    return psum_in_groups(x, config.axis_name, config.groups)
-
-
-def _psum_backward(x: jax.Array, config: _Config) -> jax.Array:
-    """``_psum`` for the backward, where ``jax.vmap`` binds no axis size.
-
-    Grouped sums that the collective does not implement (``jax.vmap``,
-    ``jax.shard_map``) go through a table with one row per group, as in
-    ``_statistics._psum``; the forward has already checked the groups.
-    """
-    groups = config.groups
-    if groups is None:
-        return lax.psum(x, config.axis_name)
-    try:
-        return lax.psum(x, config.axis_name, axis_index_groups=groups)
-    except NotImplementedError:
-        pass
-    group_of = [0] * sum(len(g) for g in groups)
-    for k, g in enumerate(groups):
-        for i in g:
-            group_of[i] = k
-    mine = jnp.asarray(group_of, jnp.int32)[lax.axis_index(config.axis_name)]
-    rows = jnp.arange(len(groups), dtype=jnp.int32).reshape((-1,) + (1,) * x.ndim)
-    table = jnp.where(rows == mine, x[None], jnp.zeros_like(x[None]))
-    return lax.psum(table, config.axis_name)[mine]
-
-
-def _kept(x: jax.Array, reduction_axes: tuple[int, ...]) -> tuple[int, ...]:
-    return tuple(1 if i in reduction_axes else d for i, d in enumerate(x.shape))
-
-
-def _count(x: jax.Array, mask: jax.Array | None, axes: tuple[int, ...]) -> jax.Array:
-    """Valid values per feature (float32), without broadcasting the mask to x."""
-    kept = _kept(x, axes)
-    if mask is None:
-        n = math.prod(x.shape[a] for a in axes)
-        return jnp.full(kept, n, jnp.float32)
-    repeats = math.prod(x.shape[a] for a in axes if mask.shape[a] == 1)
-    count = jnp.sum(mask, axis=axes, keepdims=True, dtype=jnp.float32)
-    return jnp.broadcast_to(count * jnp.float32(repeats), kept)
-
-
-def _shifted_sums(
-    x: jax.Array, mask: jax.Array | None, shift: jax.Array, axes: tuple[int, ...]
-) -> tuple[jax.Array, jax.Array]:
-    """Sums of ``x - shift`` and its square over valid entries.
-
-    The two reductions are given distinct producers (``x + (-shift)`` and ``x -
-    shift``): XLA:CPU writes a producer shared by two reductions to memory,
-    while an unshared one is fused into its reduction, which then reads only x.
-    """
-    xf = x.astype(jnp.float32)
-    d1 = xf + (-shift)
-    d2 = xf - shift
-    if mask is not None:
-        d1 = jnp.where(mask, d1, 0.0)  # NaN under False reaches no sum
-        d2 = jnp.where(mask, d2, 0.0)
-    return jnp.sum(d1, axes, keepdims=True), jnp.sum(d2 * d2, axes, keepdims=True)
-
-
-def _moments(
-    config: _Config, x: jax.Array, mask: jax.Array | None, fallback: jax.Array
-) -> ShiftedMoments:
-    axes = config.reduction_axes
-    kept = _kept(x, axes)
-    shift = _first_values(x, axes).astype(jnp.float32)
-    if mask is not None:
-        shift = jnp.where(_first_values(mask, axes), shift, fallback)
-    shift = jnp.broadcast_to(shift, kept)
-    count = _count(x, mask, axes)
-    safe_count = jnp.maximum(count, 1.0)
-
-    def single_pass(shift: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        s1, s2 = _shifted_sums(x, mask, shift, axes)
-        offset = s1 / safe_count
-        return shift, offset, jnp.maximum(s2 / safe_count - offset * offset, 0.0)
-
-    shift, offset, var = single_pass(shift)
-    shift, offset, var = lax.cond(
-        jnp.any(offset * offset > _RECENTRE * var),
-        lambda s, o, v: single_pass(s + o),
-        lambda s, o, v: (s, o, v),
-        shift,
-        offset,
-        var,
-    )
-    if config.axis_name is None:
-        return ShiftedMoments(count, shift, offset, var)
-    # Chan's parallel merge, as in ``_statistics.shifted_moments``: two
-    # all-reduces, around a common rounded global mean so that every device
-    # returns the same statistics.
-    sums = _psum(jnp.stack([count, count * (shift + offset)]), config)
-    global_count = jnp.maximum(sums[0], 1.0)
-    common = sums[1] / global_count
-    gap = (shift - common) + offset  # exact where shift is close to common
-    both = _psum(jnp.stack([count * (var + gap * gap), count * gap]), config)
-    global_offset = both[1] / global_count
-    global_m2 = both[0] - global_count * global_offset * global_offset
-    global_var = jnp.maximum(global_m2 / global_count, 0.0)
-    return ShiftedMoments(sums[0], common, global_offset, global_var)
-
-
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _train(
     config: _Config,
@@ -266,7 +150,9 @@ def _forward(
     bias: jax.Array | None,
     fallback: jax.Array,
 ) -> tuple[jax.Array, ShiftedMoments, jax.Array]:
-    m = _moments(config, x, mask, fallback)
+    m = shifted_moments(
+        x, config.reduction_axes, mask, config.axis_name, config.groups, fallback
+    )
     y = normalize(
         x, m.offset, m.var, scale, bias, config.epsilon, config.dtype, m.shift
     )
@@ -303,7 +189,9 @@ def _train_bwd(config: _Config, residuals: tuple, cotangents: tuple) -> tuple:
     dscale = None if scale is None else sum_dy_xhat.astype(scale.dtype)
     dbias = None if bias_dtype is None else sum_dy.astype(bias_dtype.dtype)
     if config.axis_name is not None:
-        sums = _psum_backward(jnp.stack([sum_dy, sum_dy_xhat]), config)
+        sums = psum_in_groups(
+            jnp.stack([sum_dy, sum_dy_xhat]), config.axis_name, config.groups
+        )
         sum_dy, sum_dy_xhat = sums[0], sums[1]
     inv_n = 1.0 / jnp.maximum(count, 1.0)
     gain = r if scale is None else r * scale.astype(jnp.float32)

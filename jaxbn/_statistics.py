@@ -1,17 +1,23 @@
 """Batch statistics: per-feature count, mean and biased variance, in float32.
 
-This is the one place where jaxbn reduces over the batch. It keeps the count of
+This is the one place where jaxbn reduces x over the batch. It keeps the count of
 values behind each feature's statistics so that every merge (across devices,
 masked entries) weights by counts, never averaging means.
 
-The variance is computed stably. Locally: two passes, mean first, then the mean
-of squared deviations. Across devices (``axis_name``): each device's count,
-mean and centred sum of squares are merged with Chan et al.'s formula around the
-global mean, which costs two all-reduces and never forms ``E[x^2] - E[x]^2``.
+Locally, one fused pass over x gives per feature the sums of ``x - shift`` and
+``(x - shift)**2``, where the shift is one of the feature's own batch values (the
+first; the running mean where that one is masked). Near the data, ``x - shift``
+is exact and the single-pass variance ``s2/n - (s1/n)**2`` loses nothing to
+cancellation; where the offset ``s1/n`` is still large against the spread (a
+fallback shift far from the data), a second pass around ``shift + s1/n`` redoes
+the sums (a ``lax.cond``, free when not taken). The unshifted ``E[x^2] - E[x]^2``
+is never formed. Across devices (``axis_name``) each device's count, mean and
+centred sum of squares are merged with Chan et al.'s formula: two all-reduces.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Hashable, Sequence
 from typing import Any, NamedTuple
 
@@ -52,13 +58,14 @@ class ShiftedMoments(NamedTuple):
     var: jax.Array
 
 
-def _psum(x: jax.Array, axis_name: AxisName, groups: Any) -> jax.Array:
+def psum_in_groups(x: jax.Array, axis_name: AxisName, groups: Any) -> jax.Array:
     """``lax.psum`` over ``axis_name``, within ``groups`` if given: one all-reduce.
 
-    ``jax.shard_map`` (unlike ``jax.pmap``) does not implement
+    ``jax.shard_map`` and ``jax.vmap`` (unlike ``jax.pmap``) do not implement
     ``axis_index_groups``; there each device puts its value in its group's row
     of a zero table, one ungrouped psum fills every row, and each device reads
-    its own group's row back.
+    its own group's row back. Needs no axis size, so it also serves backward
+    passes (``devices_in_axis`` has checked the groups at trace time).
     """
     if groups is None:
         return lax.psum(x, axis_name)
@@ -66,14 +73,7 @@ def _psum(x: jax.Array, axis_name: AxisName, groups: Any) -> jax.Array:
         return lax.psum(x, axis_name, axis_index_groups=groups)
     except NotImplementedError:
         pass
-    size = int(lax.axis_size(axis_name))  # pyright: ignore[reportArgumentType]
-    members = sorted(int(i) for g in groups for i in g)
-    if members != list(range(size)) or len({len(g) for g in groups}) != 1:
-        raise ValueError(
-            f"axis_index_groups={groups!r} must split the {size} indices of "
-            f"axis_name={axis_name!r} into groups of equal size, each index once."
-        )
-    group_of = [0] * size
+    group_of = [0] * sum(len(g) for g in groups)
     for k, g in enumerate(groups):
         for i in g:
             group_of[int(i)] = k
@@ -84,7 +84,7 @@ def _psum(x: jax.Array, axis_name: AxisName, groups: Any) -> jax.Array:
 
 
 def _first_values(x: jax.Array, reduction_axes: tuple[int, ...]) -> jax.Array:
-    """x at index 0 of every reduction axis, with x's rank.
+    """X at index 0 of every reduction axis, with x's rank.
 
     Under a mesh with Explicit axes, slicing a batch axis that is sharded is not
     allowed directly; the slice then runs under ``auto_axes`` (one row moves).
@@ -100,6 +100,43 @@ def _first_values(x: jax.Array, reduction_axes: tuple[int, ...]) -> jax.Array:
     return jax.sharding.auto_axes(lambda x: x[index], out_sharding=out)(x)
 
 
+# A second pass is taken when offset**2 > _RECENTRE * var for some feature: the
+# single-pass variance then loses about log2(_RECENTRE) bits to cancellation.
+_RECENTRE = 64.0
+
+
+def _kept_shape(shape: tuple[int, ...], reduction_axes: tuple[int, ...]) -> tuple:
+    return tuple(1 if i in reduction_axes else d for i, d in enumerate(shape))
+
+
+def _count(x: jax.Array, mask: jax.Array | None, axes: tuple[int, ...]) -> jax.Array:
+    """Valid values per feature (float32), without broadcasting the mask to x."""
+    kept = _kept_shape(x.shape, axes)
+    if mask is None:
+        return jnp.full(kept, math.prod(x.shape[a] for a in axes), jnp.float32)
+    repeats = math.prod(x.shape[a] for a in axes if mask.shape[a] == 1)
+    count = jnp.sum(mask, axis=axes, keepdims=True, dtype=jnp.float32)
+    return jnp.broadcast_to(count * jnp.float32(repeats), kept)
+
+
+def _shifted_sums(
+    x: jax.Array, mask: jax.Array | None, shift: jax.Array, axes: tuple[int, ...]
+) -> tuple[jax.Array, jax.Array]:
+    """Sums of ``x - shift`` and its square over the valid entries.
+
+    The two reductions get distinct producers (``x + (-shift)`` and ``x -
+    shift``): XLA:CPU writes a producer shared by two reductions to memory,
+    while an unshared one fuses into its reduction, which then reads only x.
+    """
+    xf = x.astype(jnp.float32)
+    d1 = xf + (-shift)
+    d2 = xf - shift
+    if mask is not None:
+        d1 = jnp.where(mask, d1, 0.0)  # NaN under False reaches no sum
+        d2 = jnp.where(mask, d2, 0.0)
+    return jnp.sum(d1, axes, keepdims=True), jnp.sum(d2 * d2, axes, keepdims=True)
+
+
 def shifted_moments(
     x: jax.Array,
     reduction_axes: tuple[int, ...],
@@ -110,48 +147,60 @@ def shifted_moments(
 ) -> ShiftedMoments:
     """The statistics of :func:`batch_moments`, mean split as ``shift + offset``.
 
-    The shift is each feature's first batch value (or ``fallback_shift``, else 0,
-    where that value is masked). Locally the offset and variance are computed
-    in two passes over ``x - shift``; across devices, counts, means and centred
-    sums of squares are merged with Chan et al.'s formula (two ``psum``).
+    Args:
+      x: the input, any floating dtype.
+      reduction_axes: the batch axes.
+      mask: optional boolean array of x's rank, broadcastable to x.
+      axis_name: optional named axis (or tuple) to merge the statistics over.
+      axis_index_groups: optional groups of indices along ``axis_name``.
+      fallback_shift: float32 shift where a feature's first value is masked (the
+        running mean), x's rank with size-1 batch axes; default 0.
+
+    Returns:
+      ``ShiftedMoments`` (no gradient flows through the shift) with x's rank and
+      size 1 along ``reduction_axes``; global when ``axis_name`` is given.
     """
-    xf = x.astype(jnp.float32)
-    shift = _first_values(xf, reduction_axes)
+    axes = tuple(reduction_axes)
+    kept = _kept_shape(x.shape, axes)
+    shift = _first_values(x, axes).astype(jnp.float32)
     if mask is not None:
-        fallback = jnp.zeros_like(shift) if fallback_shift is None else fallback_shift
-        shift = jnp.where(_first_values(mask, reduction_axes), shift, fallback)
-    shift = lax.stop_gradient(shift)
-    xs = xf - shift
-    if mask is None:
-        local_n = 1
-        for a in reduction_axes:
-            local_n *= x.shape[a]
-        count = jnp.full(shift.shape, local_n, jnp.float32)
-    else:
-        # Zero the ignored entries first, so NaN there reaches neither the
-        # statistics nor their gradients.
-        xs = jnp.where(mask, xs, 0.0)
-        count = jnp.sum(mask, axis=reduction_axes, keepdims=True, dtype=jnp.float32)
+        fallback = 0.0 if fallback_shift is None else fallback_shift
+        shift = jnp.where(_first_values(mask, axes), shift, fallback)
+    shift = lax.stop_gradient(jnp.broadcast_to(shift, kept))
+    count = _count(x, mask, axes)
     safe_count = jnp.maximum(count, 1.0)
-    offset = jnp.sum(xs, axis=reduction_axes, keepdims=True) / safe_count
-    centred = xs - offset
-    if mask is not None:
-        centred = jnp.where(mask, centred, 0.0)
-    m2 = jnp.sum(centred * centred, axis=reduction_axes, keepdims=True)
+
+    def single_pass(shift: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        s1, s2 = _shifted_sums(x, mask, shift, axes)
+        offset = s1 / safe_count
+        return shift, offset, jnp.maximum(s2 / safe_count - offset * offset, 0.0)
+
+    shift, offset, var = single_pass(shift)
+    shift, offset, var = lax.cond(
+        jnp.any(offset * offset > _RECENTRE * var),
+        lambda s, o, v: single_pass(lax.stop_gradient(s + o)),
+        lambda s, o, v: (s, o, v),
+        shift,
+        offset,
+        var,
+    )
     if axis_name is None:
-        return ShiftedMoments(count, shift, offset, m2 / safe_count)
+        return ShiftedMoments(count, shift, offset, var)
     # Chan's parallel merge: two all-reduces. The first gives the global count
     # and a rounded global mean ``g``; the second sums each device's squares
     # around ``g``, and also the gaps ``mean - g``, so the exact global mean is
     # ``g + offset`` with a small offset. ``g`` is the same on every device, so
     # the results are too (shard_map can return them with out_specs P()).
-    mean = shift + offset
-    sums = _psum(jnp.stack([count, count * mean]), axis_name, axis_index_groups)
+    sums = psum_in_groups(
+        jnp.stack([count, count * (shift + offset)]), axis_name, axis_index_groups
+    )
     global_count = jnp.maximum(sums[0], 1.0)
     common = lax.stop_gradient(sums[1] / global_count)
     gap = (shift - common) + offset  # exact where shift is close to common
-    both = _psum(
-        jnp.stack([m2 + count * gap * gap, count * gap]), axis_name, axis_index_groups
+    both = psum_in_groups(
+        jnp.stack([count * (var + gap * gap), count * gap]),
+        axis_name,
+        axis_index_groups,
     )
     global_offset = both[1] / global_count
     global_m2 = both[0] - global_count * global_offset * global_offset
@@ -192,21 +241,29 @@ def batch_moments(
     return Moments(m.count, m.shift + m.offset, m.var)
 
 
-def _kept_shape(shape: tuple[int, ...], reduction_axes: tuple[int, ...]) -> tuple:
-    return tuple(1 if i in reduction_axes else d for i, d in enumerate(shape))
-
-
 def devices_in_axis(axis_name: AxisName | None, groups: Any) -> int:
-    """Number of devices whose values are pooled, known at trace time (1 if none)."""
+    """Number of devices whose values are pooled, known at trace time (1 if none).
+
+    Raises:
+      ValueError: if ``axis_name`` is not bound, or ``groups`` do not split its
+        indices into equal groups with each index once.
+    """
     if axis_name is None:
         return 1
-    if groups is not None:
-        return min(len(g) for g in groups)
     try:
-        return int(lax.axis_size(axis_name))  # pyright: ignore[reportArgumentType]
+        size = int(lax.axis_size(axis_name))  # pyright: ignore[reportArgumentType]
     except Exception as err:  # unbound axis name
         raise ValueError(
             f"axis_name={axis_name!r} is not bound here. Call apply inside "
             "jax.shard_map, jax.pmap or jax.vmap with that axis_name, or pass "
             "axis_name=None: sharded jax.jit computes global statistics without it."
         ) from err
+    if groups is None:
+        return size
+    members = sorted(int(i) for g in groups for i in g)
+    if members != list(range(size)) or len({len(g) for g in groups}) != 1:
+        raise ValueError(
+            f"axis_index_groups={groups!r} must split the {size} indices of "
+            f"axis_name={axis_name!r} into groups of equal size, each index once."
+        )
+    return len(groups[0])

@@ -435,13 +435,14 @@ def train_and_evaluate(config: Config, workdir: str | Path) -> TrainState:
     state = create_train_state(config, jax.random.key(config.seed), steps_per_epoch)
     manager = checkpoint_manager(workdir, config.max_checkpoints)
     metrics_path = workdir / METRICS_FILE
-    start_epoch = 1
-    if manager.latest_step() is not None:
-        state = restore_checkpoint(manager, state)
-        start_epoch = int(manager.latest_step()) + 1  # type: ignore[arg-type]
-        tqdm.write(f"Resuming from the checkpoint of epoch {start_epoch - 1}.")
-    else:
+    latest = manager.latest_step()
+    if latest is None:
+        start_epoch = 1
         metrics_path.write_text("")
+    else:
+        state = restore_checkpoint(manager, state, latest)
+        start_epoch = latest + 1
+        tqdm.write(f"Resuming from the checkpoint of epoch {latest}.")
 
     stats_before = jax.device_get(state.batch_stats)
     for epoch in range(start_epoch, config.num_epochs + 1):

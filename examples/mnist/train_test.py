@@ -65,6 +65,25 @@ def test_restore_gives_identical_variables_and_metrics(trained):
     assert result["accuracy"] == result["reported_accuracy"]
 
 
+def test_resume_continues_exactly(trained, tmp_path):
+    workdir, state = trained
+    # Simulate a run interrupted after epoch 1: copy its first checkpoint only.
+    (tmp_path / train.CHECKPOINT_DIR).mkdir()
+    shutil.copytree(
+        workdir / train.CHECKPOINT_DIR / "1", tmp_path / train.CHECKPOINT_DIR / "1"
+    )
+    first = (workdir / train.METRICS_FILE).read_text().splitlines()[0]
+    (tmp_path / train.METRICS_FILE).write_text(first + "\n")
+    resumed = train.train_and_evaluate(CONFIG, tmp_path)
+    chex.assert_trees_all_equal(resumed.params, state.params)
+    chex.assert_trees_all_equal(resumed.batch_stats, state.batch_stats)
+    records = train.read_metrics(tmp_path)
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert (
+        records[-1]["test_correct"] == train.read_metrics(workdir)[-1]["test_correct"]
+    )
+
+
 def test_eval_does_not_depend_on_batch_size(trained):
     _, state = trained
     images, labels = input_pipeline.load_split("test", limit=200)
