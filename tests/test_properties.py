@@ -69,6 +69,8 @@ def test_evaluation_is_elementwise_for_any_shape(case, seed):
         "var": jnp.asarray(rng.uniform(0.1, 3, stats["var"].shape), jnp.float32),
     }
     y, same = layer.apply(params, stats, x, train=False)
-    y_ref = ref.normalize(np.asarray(x), axis, np.asarray(stats["mean"]), np.asarray(stats["var"]))
+    y_ref = ref.normalize(
+        np.asarray(x), axis, np.asarray(stats["mean"]), np.asarray(stats["var"])
+    )
     np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
     assert same is stats
