@@ -97,7 +97,8 @@ def _first_values(x: jax.Array, reduction_axes: tuple[int, ...]) -> jax.Array:
     if not any(spec[i] is not None for i in reduction_axes):
         return x[index]
     out = P(*(None if i in reduction_axes else s for i, s in enumerate(spec)))
-    return jax.sharding.auto_axes(lambda x: x[index], out_sharding=out)(x)
+    take_first = jax.sharding.auto_axes(lambda x: x[index], out_sharding=out)
+    return take_first(x)  # pyright: ignore[reportReturnType]
 
 
 # A second pass is taken when offset**2 > _RECENTRE * var for some feature: the
