@@ -184,7 +184,7 @@ def _flax_nnx(x: jax.Array) -> JaxBatchNorm:
 
 
 def _haiku(x: jax.Array) -> JaxBatchNorm:
-    import haiku as hk
+    import haiku as hk  # pyright: ignore[reportMissingImports]
 
     def forward(x, is_training):
         bn = hk.BatchNorm(
@@ -202,7 +202,7 @@ def _haiku(x: jax.Array) -> JaxBatchNorm:
 
 
 def _equinox(x: jax.Array) -> JaxBatchNorm:
-    import equinox as eqx
+    import equinox as eqx  # pyright: ignore[reportMissingImports]
 
     # eqx.nn.BatchNorm normalizes one example of shape (features, ...) and
     # averages across vmapped axes named in axis_name; vmapping every
@@ -275,7 +275,7 @@ def _two_pass_jnp(x: jax.Array) -> JaxBatchNorm:
 def _torch(x: jax.Array) -> TorchBatchNorm:
     import copy
 
-    import torch
+    import torch  # pyright: ignore[reportMissingImports]
 
     torch.set_num_threads(2)
     features = x.shape[-1]

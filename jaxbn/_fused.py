@@ -3,29 +3,41 @@
 Batch norm is memory-bound, so its cost is the number of passes over x. Let S be
 the bytes of x. The training step here makes:
 
-Forward (``fused_training``), two passes, 3S of traffic:
+Forward (``fused_training``), three passes, 4S of traffic:
 
-1. ``_statistics.shifted_moments``: per feature, the sums of ``x - shift``
-   and ``(x - shift)**2`` around one of the feature's own values, each reduction
-   fused with its producer so that it reads x only (see that module).
-2. One elementwise pass reads x and writes ``y = ((x - shift) - offset) *
-   (scale * rsqrt(var + epsilon)) + bias`` in the output dtype.
+1. ``_statistics.shifted_moments``: per feature, two reductions that read x
+   only: the sum of x and the sum of ``(x - shift)**2`` around one of the
+   feature's own values (see that module).
+2. One elementwise pass reads x and writes ``y = (x - shift) * rsqrt(var +
+   epsilon) * scale + (bias - offset * scale * rsqrt(var + epsilon))`` in the
+   output dtype.
 
 Across devices (``axis_name``) the statistics are merged there too: two
 all-reduces.
+
+XLA:CPU runs reductions as YNNPACK fusions that take the elementwise producers
+and per-feature broadcasts in, so each reduction reads only x, except that a
+producer or broadcast two fusions share is written to memory first (a full-size
+temporary). Every full-size expression here is therefore distinct from the
+others in a training step: ``x - shift``, ``x + (-shift)``, ``2x - 2 shift``
+and ``x/2 - shift/2`` (each exact up to the power-of-two factor), and the scale
+is a separate factor of y, since XLA writes the broadcast of a computed ``scale
+* inv_std`` to memory when y feeds a reduction.
 
 Residuals: x in its own dtype (1S; no float32 copy for bfloat16/float16), the
 mask as given (not broadcast), and per-feature shift, offset, inverse standard
 deviation, count, scale and bias.
 
-Backward (``jax.custom_vjp``), two passes, 5S of traffic: with ``xhat = ((x -
-shift) - offset) * r`` recomputed on the fly and ``n`` the (global) count,
+Backward (``jax.custom_vjp``), three passes, 6S of traffic: with ``xhat = ((x -
+shift) - offset) * r`` and ``n`` the (global) count,
 
-1. one fused reduction reads x and dy: ``sum(dy)`` and ``sum(dy * xhat)``, one
-   all-reduce of both across devices;
+1. two reductions: ``sum(dy)`` (reads dy) and ``sum(dy * (x - shift))`` (reads
+   x and dy), which gives ``sum(dy * xhat)``; one all-reduce of both across
+   devices;
 2. one elementwise pass reads x and dy and writes ``dx = scale * r * (dy -
-   sum(dy)/n - xhat * sum(dy * xhat)/n)`` for valid entries and ``scale * r *
-   dy`` for masked ones (their values do not reach the statistics).
+   sum(dy)/n - xhat * sum(dy * xhat)/n)``, with per-feature coefficients of dy
+   and ``x - shift``, for valid entries and ``scale * r * dy`` for masked ones
+   (their values do not reach the statistics).
 
 ``dscale = sum(dy * xhat)`` and ``dbias = sum(dy)`` are the local sums (the
 transpose of a device-invariant parameter sums them across devices). The batch
@@ -177,15 +189,17 @@ def _train_bwd(config: _Config, residuals: tuple, cotangents: tuple) -> tuple:
     x, mask, scale, bias_dtype, count, shift, offset, r = residuals
     dy = cotangents[0].astype(jnp.float32)  # the statistics carry no gradient
     axes = config.reduction_axes
-    centred = x.astype(jnp.float32) - shift
-    # sum(dy * xhat) = r * (sum(dy * (x - shift)) - offset * sum(dy)): the
-    # reductions read x and dy only, with no full-size xhat written first.
-    dy_centred = dy * centred
+    xf = x.astype(jnp.float32)
+    # sum(dy * xhat) = r * (sum(dy * (x - shift)) - offset * sum(dy)). ``2x -
+    # 2 shift`` is exactly twice ``x - shift``, but not the same expression as
+    # the forward's: XLA:CPU would write a shared ``x - shift`` to memory.
+    dy_centred = dy * (xf * 2.0 - shift * 2.0)
     if mask is not None:
         # A NaN under False with a zero cotangent must not poison the sums.
         dy_centred = jnp.where(dy == 0.0, 0.0, dy_centred)
     sum_dy = jnp.sum(dy, axes, keepdims=True)
-    sum_dy_xhat = r * (jnp.sum(dy_centred, axes, keepdims=True) - offset * sum_dy)
+    sum_dy_centred = 0.5 * jnp.sum(dy_centred, axes, keepdims=True)
+    sum_dy_xhat = r * (sum_dy_centred - offset * sum_dy)
     dscale = None if scale is None else sum_dy_xhat.astype(scale.dtype)
     dbias = None if bias_dtype is None else sum_dy.astype(bias_dtype.dtype)
     if config.axis_name is not None:
@@ -195,10 +209,12 @@ def _train_bwd(config: _Config, residuals: tuple, cotangents: tuple) -> tuple:
         sum_dy, sum_dy_xhat = sums[0], sums[1]
     inv_n = 1.0 / jnp.maximum(count, 1.0)
     gain = r if scale is None else r * scale.astype(jnp.float32)
-    # Its own ``x + (-shift)``, not ``centred``: a producer shared with the
-    # reduction above would be written to memory.
-    xhat = ((x.astype(jnp.float32) + (-shift)) - offset) * r
-    dx = gain * (dy - sum_dy * inv_n - xhat * (sum_dy_xhat * inv_n))
+    # dx = gain * (dy - sum_dy/n - xhat * sum_dy_xhat/n) with xhat = ((x -
+    # shift) - offset) * r, as per-feature coefficients of dy and x - shift
+    # (again its own expression, ``x/2 - shift/2``).
+    slope = gain * r * (sum_dy_xhat * inv_n)
+    const = slope * offset - gain * (sum_dy * inv_n)
+    dx = gain * dy + ((xf * 0.5 - shift * 0.5) * (-2.0 * slope) + const)
     if mask is not None:
         dx = jnp.where(mask, dx, gain * dy)
     return dx.astype(x.dtype), None, dscale, dbias, None

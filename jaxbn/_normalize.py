@@ -47,13 +47,20 @@ def normalize(
       Array([[-1.],
              [ 1.]], dtype=float32)
     """
-    multiplier = lax.rsqrt(var.astype(jnp.float32) + epsilon)
+    inv_std = lax.rsqrt(var.astype(jnp.float32) + epsilon)
+    multiplier = inv_std if scale is None else inv_std * scale.astype(jnp.float32)
+    xf = x.astype(jnp.float32)
+    if shift is None:
+        y = (xf - mean) * multiplier
+        if bias is not None:
+            y = y + bias.astype(jnp.float32)
+        return y.astype(dtype)
+    # ``mean`` is the small offset of x's mean from ``shift``, so it folds into
+    # the bias without cancellation. The scale is applied on its own: XLA:CPU
+    # writes a full-size broadcast of ``inv_std * scale`` to memory when the
+    # output feeds a reduction (a loss), but broadcasts a parameter in place.
+    y = (xf - shift) * inv_std
     if scale is not None:
-        multiplier = multiplier * scale.astype(jnp.float32)
-    centred = x.astype(jnp.float32)
-    if shift is not None:
-        centred = centred - shift
-    y = (centred - mean) * multiplier
-    if bias is not None:
-        y = y + bias.astype(jnp.float32)
-    return y.astype(dtype)
+        y = y * scale.astype(jnp.float32)
+    bias = 0.0 if bias is None else bias.astype(jnp.float32)
+    return (y + (bias - mean * multiplier)).astype(dtype)

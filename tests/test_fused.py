@@ -207,6 +207,36 @@ def test_variance_and_output_under_large_offset(offset, var_tol):
     assert np.max(np.abs(np.asarray(y, np.float64) - y64)) < 0.03
 
 
+@pytest.mark.parametrize("sigmas", [0.0, 3.0, 7.9, 8.1, 1e3])
+def test_unmasked_mean_on_both_sides_of_the_recentre_threshold(sigmas):
+    # Without a mask the first moment comes from sum(x) while mean**2 <= 64 var
+    # and from sum(x - shift) beyond: both keep the mean within 1e-5 std.
+    x = sigmas * 2.0 + 2.0 * jax.random.normal(jax.random.key(4), (2**17, 3))
+    y, m = fused(x, axes=(0,))
+    x64 = np.asarray(x, np.float64)
+    mean = np.asarray(m.shift, np.float64) + np.asarray(m.offset, np.float64)
+    np.testing.assert_allclose(mean[0], x64.mean(0), rtol=0, atol=2e-5)
+    np.testing.assert_allclose(np.asarray(m.var)[0], x64.var(0), rtol=1e-5)
+    y64 = (x64 - x64.mean(0)) / np.sqrt(x64.var(0) + EPS)
+    assert np.max(np.abs(np.asarray(y, np.float64) - y64)) < 1e-4
+
+
+def test_training_step_writes_no_full_size_temporary():
+    # XLA:CPU writes a producer or broadcast that two reduction fusions share to
+    # memory; the training step keeps every full-size expression its own.
+    layer = jaxbn.batch_norm()
+    x = jax.random.normal(jax.random.key(5), (32, 8, 8, 64))
+    params, stats = layer.init(x)
+
+    def loss(x, params, stats, g):
+        y, new_stats = layer.apply(params, stats, x, train=True)
+        return jnp.sum(y * g), new_stats
+
+    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+    compiled = step.lower(x, params, stats, x).compile()
+    assert compiled.memory_analysis().temp_size_in_bytes < x.nbytes // 4
+
+
 def test_masked_first_value_recentres_around_the_data():
     # The first value is masked and the fallback (0) is far from the data: the
     # single pass cancels, so the second pass must take over.
