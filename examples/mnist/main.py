@@ -68,12 +68,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def get_config(args: argparse.Namespace) -> default.Config:
-    """The default config with the flags that were given applied."""
+    """The config with the flags that were given applied.
+
+    The base is the config saved in ``--workdir`` by an earlier run if there is
+    one (so ``--eval_only`` and resuming use the trained model's shape), else the
+    default config.
+    """
+    base = train.load_config(args.workdir) or default.get_config()
     fields = {f.name for f in dataclasses.fields(default.Config)}
     overrides = {k: v for k, v in vars(args).items() if k in fields and v is not None}
-    if args.no_progress:
-        overrides["progress"] = False
-    return dataclasses.replace(default.get_config(), **overrides)
+    overrides["progress"] = not args.no_progress
+    return dataclasses.replace(base, **overrides)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

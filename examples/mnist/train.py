@@ -9,6 +9,7 @@ reproduces the reported test accuracy exactly in a fresh process.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import time
@@ -28,6 +29,7 @@ from tqdm import tqdm
 from examples.mnist import input_pipeline
 from examples.mnist.configs.default import Config
 
+CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "metrics.png"
 CHECKPOINT_DIR = "checkpoints"
@@ -358,6 +360,22 @@ def restore_checkpoint(
     return state.replace(**restored)
 
 
+def save_config(config: Config, workdir: str | Path) -> None:
+    """Writes ``config`` to ``workdir/config.json``."""
+    text = json.dumps(dataclasses.asdict(config), indent=2)
+    (Path(workdir) / CONFIG_FILE).write_text(text + "\n")
+
+
+def load_config(workdir: str | Path) -> Config | None:
+    """Reads the config a run saved in ``workdir``, or ``None`` if there is none."""
+    path = Path(workdir) / CONFIG_FILE
+    if not path.exists():
+        return None
+    fields = json.loads(path.read_text())
+    fields["features"] = tuple(fields["features"])
+    return Config(**fields)
+
+
 def read_metrics(workdir: str | Path) -> list[dict[str, Any]]:
     """Reads the per-epoch records that ``train_and_evaluate`` appended."""
     path = Path(workdir) / METRICS_FILE
@@ -409,9 +427,10 @@ def plot_metrics(records: Sequence[dict[str, Any]], path: str | Path) -> None:
 def train_and_evaluate(config: Config, workdir: str | Path) -> TrainState:
     """Trains, evaluating and checkpointing after every epoch.
 
-    Resumes from the latest checkpoint in ``workdir`` if there is one. After each
-    epoch it appends a record to ``workdir/metrics.jsonl``, redraws
-    ``workdir/metrics.png`` and saves a checkpoint.
+    Resumes from the latest checkpoint in ``workdir`` if there is one. Writes the
+    config to ``workdir/config.json``. After each epoch it appends a record to
+    ``workdir/metrics.jsonl``, redraws ``workdir/metrics.png`` and saves a
+    checkpoint.
 
     Args:
         config: hyperparameters.
@@ -432,6 +451,7 @@ def train_and_evaluate(config: Config, workdir: str | Path) -> TrainState:
             "training images; lower batch_size or raise train_limit."
         )
 
+    save_config(config, workdir)
     state = create_train_state(config, jax.random.key(config.seed), steps_per_epoch)
     manager = checkpoint_manager(workdir, config.max_checkpoints)
     metrics_path = workdir / METRICS_FILE

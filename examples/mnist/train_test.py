@@ -43,6 +43,7 @@ def test_trains_above_chance(trained):
     assert last["test_accuracy"] > 0.8
     assert last["test_accuracy"] > last["test_accuracy_batch_stats"] - 0.05
     assert (workdir / train.PLOT_FILE).stat().st_size > 0
+    assert train.load_config(workdir) == CONFIG
     assert sorted(p.name for p in (workdir / train.CHECKPOINT_DIR).iterdir()) == [
         "1",
         "2",
@@ -95,9 +96,8 @@ def test_eval_does_not_depend_on_batch_size(trained):
 
 def test_main_eval_only_reports_match(trained, capsys):
     workdir, _ = trained
-    argv = ["--workdir", str(workdir), "--eval_only", "--features", "8,16"]
-    argv += ["--hidden", "32", "--test_limit", "500"]
-    assert main.main(argv) == 0
+    # The model's shape and the test slice come from workdir/config.json.
+    assert main.main(["--workdir", str(workdir), "--eval_only"]) == 0
     assert "Matches the accuracy reported during training exactly" in (
         capsys.readouterr().out
     )
