@@ -6,7 +6,7 @@ the bytes of x. The training step here makes:
 Forward (``fused_training``), three passes, 4S of traffic:
 
 1. ``_statistics.shifted_moments``: per feature, two reductions that read x
-   only: the sum of x and the sum of ``(x - shift)**2`` around one of the
+   only: the sums of ``x - shift`` and ``(x - shift)**2`` around one of the
    feature's own values (see that module).
 2. One elementwise pass reads x and writes ``y = (x - shift) * rsqrt(var +
    epsilon) * scale + (bias - offset * scale * rsqrt(var + epsilon))`` in the

@@ -62,5 +62,7 @@ def normalize(
     y = (xf - shift) * inv_std
     if scale is not None:
         y = y * scale.astype(jnp.float32)
-    bias = 0.0 if bias is None else bias.astype(jnp.float32)
-    return (y + (bias - mean * multiplier)).astype(dtype)
+    offset = mean * multiplier
+    if bias is not None:
+        return (y + (bias.astype(jnp.float32) - offset)).astype(dtype)
+    return (y - offset).astype(dtype)

@@ -4,19 +4,14 @@ This is the one place where jaxbn reduces x over the batch. It keeps the count o
 values behind each feature's statistics so that every merge (across devices,
 masked entries) weights by counts, never averaging means.
 
-Locally, per feature, the shift is one of the feature's own batch values (the
-first; the running mean where that one is masked) and two reductions over x give
-the sum of ``(x - shift)**2`` and the first moment. Without a mask the first
-moment comes from the plain sum of x, ``sum(x)/n - shift``, which XLA:CPU
-reduces faster than ``sum(x - shift)`` and which is as accurate while the mean
-is within a few standard deviations of zero; otherwise (``mean**2 > 64 var``, a
-``lax.cond``, free when not taken) the first moment is redone as the sum of ``x
-- shift``. With a mask both sums are of ``x - shift``, and where the offset
-``s1/n`` is still large against the spread (a fallback shift far from the
-data), a second pass around ``shift + s1/n`` redoes them (a ``lax.cond``). The
-square is always of the shifted value: near the data ``x - shift`` is exact and
-``s2/n - offset**2`` loses nothing to cancellation; the unshifted ``E[x^2] -
-E[x]^2`` is never formed. Across devices (``axis_name``) each device's count, mean and
+Locally, one fused pass over x gives per feature the sums of ``x - shift`` and
+``(x - shift)**2``, where the shift is one of the feature's own batch values (the
+first; the running mean where that one is masked). Near the data, ``x - shift``
+is exact and the single-pass variance ``s2/n - (s1/n)**2`` loses nothing to
+cancellation; where the offset ``s1/n`` is still large against the spread (a
+fallback shift far from the data), a second pass around ``shift + s1/n`` redoes
+the sums (a ``lax.cond``, free when not taken). The unshifted ``E[x^2] - E[x]^2``
+is never formed. Across devices (``axis_name``) each device's count, mean and
 centred sum of squares are merged with Chan et al.'s formula: two all-reduces.
 """
 
@@ -130,24 +125,17 @@ def _shifted_sums(
 ) -> tuple[jax.Array, jax.Array]:
     """Sums of ``x - shift`` and its square over the valid entries.
 
-    Each reduction gets its own producer (``x - shift`` and ``x + (-shift)``):
-    XLA:CPU writes a producer that two reductions share to memory, while an
-    unshared one fuses into its reduction, which then reads only x.
+    The two reductions get distinct producers (``x + (-shift)`` and ``x -
+    shift``): XLA:CPU writes a producer shared by two reductions to memory,
+    while an unshared one fuses into its reduction, which then reads only x.
     """
     xf = x.astype(jnp.float32)
-    d1 = xf - shift
-    d2 = xf + (-shift)
+    d1 = xf + (-shift)
+    d2 = xf - shift
     if mask is not None:
         d1 = jnp.where(mask, d1, 0.0)  # NaN under False reaches no sum
         d2 = jnp.where(mask, d2, 0.0)
     return jnp.sum(d1, axes, keepdims=True), jnp.sum(d2 * d2, axes, keepdims=True)
-
-
-def _moments_around(
-    s1: jax.Array, s2: jax.Array, safe_count: jax.Array
-) -> tuple[jax.Array, jax.Array]:
-    offset = s1 / safe_count
-    return offset, jnp.maximum(s2 / safe_count - offset * offset, 0.0)
 
 
 def shifted_moments(
@@ -182,42 +170,21 @@ def shifted_moments(
     shift = lax.stop_gradient(jnp.broadcast_to(shift, kept))
     count = _count(x, mask, axes)
     safe_count = jnp.maximum(count, 1.0)
-    xf = x.astype(jnp.float32)
 
-    if mask is None:
-        # The shift is a batch value, so the offset is O(std). The sum of x
-        # itself is XLA:CPU's cheapest reduction, and ``sum(x)/n - shift`` is as
-        # good as the shifted sum while |mean| is a few std; beyond that (the
-        # lax.cond, taken only then) the first sum is redone around the shift.
-        s2 = jnp.sum(jnp.square(xf + (-shift)), axes, keepdims=True)
-        offset, var = _moments_around(
-            jnp.sum(xf, axes, keepdims=True) - count * shift, s2, safe_count
-        )
-        mean = shift + offset
-        offset, var = lax.cond(
-            jnp.any(mean * mean > _RECENTRE * var),
-            lambda: _moments_around(
-                jnp.sum(xf - shift, axes, keepdims=True), s2, safe_count
-            ),
-            lambda: (offset, var),
-        )
-    else:
-        # A masked first value leaves the fallback shift, which may lie far from
-        # the data: then (the lax.cond) the sums are redone around the mean.
-        offset, var = _moments_around(
-            *_shifted_sums(x, mask, shift, axes), safe_count
-        )
+    def single_pass(shift: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        s1, s2 = _shifted_sums(x, mask, shift, axes)
+        offset = s1 / safe_count
+        return shift, offset, jnp.maximum(s2 / safe_count - offset * offset, 0.0)
 
-        def recentre() -> tuple[jax.Array, jax.Array, jax.Array]:
-            new_shift = lax.stop_gradient(shift + offset)
-            sums = _shifted_sums(x, mask, new_shift, axes)
-            return (new_shift, *_moments_around(*sums, safe_count))
-
-        shift, offset, var = lax.cond(
-            jnp.any(offset * offset > _RECENTRE * var),
-            recentre,
-            lambda: (shift, offset, var),
-        )
+    shift, offset, var = single_pass(shift)
+    shift, offset, var = lax.cond(
+        jnp.any(offset * offset > _RECENTRE * var),
+        lambda s, o, v: single_pass(lax.stop_gradient(s + o)),
+        lambda s, o, v: (s, o, v),
+        shift,
+        offset,
+        var,
+    )
     if axis_name is None:
         return ShiftedMoments(count, shift, offset, var)
     # Chan's parallel merge: two all-reduces. The first gives the global count

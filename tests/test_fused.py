@@ -208,9 +208,9 @@ def test_variance_and_output_under_large_offset(offset, var_tol):
 
 
 @pytest.mark.parametrize("sigmas", [0.0, 3.0, 7.9, 8.1, 1e3])
-def test_unmasked_mean_on_both_sides_of_the_recentre_threshold(sigmas):
-    # Without a mask the first moment comes from sum(x) while mean**2 <= 64 var
-    # and from sum(x - shift) beyond: both keep the mean within 1e-5 std.
+def test_mean_and_variance_accurate_from_zero_to_large_means(sigmas):
+    # Means from 0 to 1000 std around a shift that is a batch value: the mean
+    # within 1e-5 std, the variance within 1e-5, y within 1e-4.
     x = sigmas * 2.0 + 2.0 * jax.random.normal(jax.random.key(4), (2**17, 3))
     y, m = fused(x, axes=(0,))
     x64 = np.asarray(x, np.float64)
@@ -233,8 +233,8 @@ def test_training_step_writes_no_full_size_temporary():
         return jnp.sum(y * g), new_stats
 
     step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
-    compiled = step.lower(x, params, stats, x).compile()
-    assert compiled.memory_analysis().temp_size_in_bytes < x.nbytes // 4
+    memory = step.lower(x, params, stats, x).compile().memory_analysis()
+    assert memory is not None and memory.temp_size_in_bytes < x.nbytes // 4
 
 
 def test_masked_first_value_recentres_around_the_data():
