@@ -7,13 +7,13 @@ Forward (``fused_training``), three passes, 4S of traffic:
 
 1. ``_statistics.shifted_moments``: per feature, two reductions that read x
    only: the sums of ``x - shift`` and ``(x - shift)**2`` around one of the
-   feature's own values (see that module).
+   feature's own values, or across devices the running mean (see that module).
 2. One elementwise pass reads x and writes ``y = (x - shift) * rsqrt(var +
    epsilon) * scale + (bias - offset * scale * rsqrt(var + epsilon))`` in the
    output dtype.
 
-Across devices (``axis_name``) the statistics are merged there too: two
-all-reduces.
+Across devices (``axis_name``) the statistics are merged there too: one
+all-reduce (two when the re-centring pass runs).
 
 XLA:CPU runs reductions as YNNPACK fusions that take the elementwise producers
 and per-feature broadcasts in, so each reduction reads only x, except that a
@@ -55,7 +55,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from ._normalize import normalize
-from ._statistics import ShiftedMoments, psum_in_groups, shifted_moments
+from ._statistics import ShiftedMoments, psum_in_groups, shifted_moments, varying_as
 
 
 class _Config(NamedTuple):
@@ -119,26 +119,8 @@ def fused_training(
     config = _Config(tuple(reduction_axes), float(epsilon), axis_name, groups, dtype)
     fallback_shift = lax.stop_gradient(fallback_shift.astype(jnp.float32))
     if axis_name is not None:
-        scale, bias = _varying_as(scale, x), _varying_as(bias, x)
+        scale, bias = varying_as(scale, x), varying_as(bias, x)
     return _train(config, x, mask, scale, bias, fallback_shift)
-
-
-def _varying(a: jax.Array) -> frozenset:
-    manual = getattr(jax.typeof(a), "mat", None)
-    return frozenset() if manual is None else frozenset(manual.varying)
-
-
-def _varying_as(a: jax.Array | None, x: jax.Array) -> jax.Array | None:
-    """``a`` marked as varying over the ``jax.shard_map`` axes that x varies over.
-
-    The backward returns each device's own gradient of scale and bias, typed
-    like x; the transpose of this cast then sums them across devices, as
-    autodiff would. Under ``jax.vmap`` nothing varies and ``a`` is returned.
-    """
-    if a is None:
-        return None
-    missing = tuple(sorted(_varying(x) - _varying(a), key=str))
-    return lax.pcast(a, missing, to="varying") if missing else a
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))

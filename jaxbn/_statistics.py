@@ -11,8 +11,11 @@ is exact and the single-pass variance ``s2/n - (s1/n)**2`` loses nothing to
 cancellation; where the offset ``s1/n`` is still large against the spread (a
 fallback shift far from the data), a second pass around ``shift + s1/n`` redoes
 the sums (a ``lax.cond``, free when not taken). The unshifted ``E[x^2] - E[x]^2``
-is never formed. Across devices (``axis_name``) each device's count, mean and
-centred sum of squares are merged with Chan et al.'s formula: two all-reduces.
+is never formed. Across devices (``axis_name``) every device uses the same
+shift, the replicated running mean, so one all-reduce of the per-feature
+``(count, s1, s2)`` gives the global statistics, weighted by counts; when that
+shift is far from the data, the re-centring pass (and its all-reduce) runs
+around the global mean just found.
 """
 
 from __future__ import annotations
@@ -62,17 +65,14 @@ def psum_in_groups(x: jax.Array, axis_name: AxisName, groups: Any) -> jax.Array:
     """``lax.psum`` over ``axis_name``, within ``groups`` if given: one all-reduce.
 
     ``jax.shard_map`` and ``jax.vmap`` (unlike ``jax.pmap``) do not implement
-    ``axis_index_groups``; there each device puts its value in its group's row
-    of a zero table, one ungrouped psum fills every row, and each device reads
-    its own group's row back. Needs no axis size, so it also serves backward
+    ``axis_index_groups``, and inside ``lax.cond`` under ``jax.vmap`` the failure
+    would come too late to catch; so everywhere each device puts its value in
+    its group's row of a zero table, one ungrouped psum fills every row, and
+    each device reads its own group's row back. Needs no axis size, so it also serves backward
     passes (``devices_in_axis`` has checked the groups at trace time).
     """
     if groups is None:
         return lax.psum(x, axis_name)
-    try:
-        return lax.psum(x, axis_name, axis_index_groups=groups)
-    except NotImplementedError:
-        pass
     group_of = [0] * sum(len(g) for g in groups)
     for k, g in enumerate(groups):
         for i in g:
@@ -81,6 +81,24 @@ def psum_in_groups(x: jax.Array, axis_name: AxisName, groups: Any) -> jax.Array:
     rows = jnp.arange(len(groups), dtype=jnp.int32).reshape((-1,) + (1,) * x.ndim)
     table = jnp.where(rows == mine, x[None], jnp.zeros_like(x[None]))
     return lax.psum(table, axis_name)[mine]
+
+
+def _varying(a: jax.Array) -> frozenset:
+    manual = getattr(jax.typeof(a), "mat", None)
+    return frozenset() if manual is None else frozenset(manual.varying)
+
+
+def varying_as(a: jax.Array | None, ref: jax.Array) -> jax.Array | None:
+    """``a`` marked as varying over the ``jax.shard_map`` axes that ref varies over.
+
+    Needed where values of both kinds must have one type (the branches of a
+    ``lax.cond``; a custom VJP whose cotangents are typed like x). Under
+    ``jax.vmap`` or outside ``shard_map`` nothing varies and ``a`` is returned.
+    """
+    if a is None:
+        return None
+    missing = tuple(sorted(_varying(ref) - _varying(a), key=str))
+    return lax.pcast(a, missing, to="varying") if missing else a
 
 
 def _first_values(x: jax.Array, reduction_axes: tuple[int, ...]) -> jax.Array:
@@ -163,50 +181,44 @@ def shifted_moments(
     """
     axes = tuple(reduction_axes)
     kept = _kept_shape(x.shape, axes)
-    shift = _first_values(x, axes).astype(jnp.float32)
-    if mask is not None:
-        fallback = 0.0 if fallback_shift is None else fallback_shift
-        shift = jnp.where(_first_values(mask, axes), shift, fallback)
+    fallback = 0.0 if fallback_shift is None else fallback_shift
+    if axis_name is None:
+        shift = _first_values(x, axes).astype(jnp.float32)
+        if mask is not None:
+            shift = jnp.where(_first_values(mask, axes), shift, fallback)
+    else:
+        # One shift for every device (the replicated running mean), so that a
+        # single all-reduce of (count, s1, s2) gives the global statistics.
+        shift = jnp.zeros(kept, jnp.float32) + fallback
     shift = lax.stop_gradient(jnp.broadcast_to(shift, kept))
-    count = _count(x, mask, axes)
-    safe_count = jnp.maximum(count, 1.0)
+    local_count = _count(x, mask, axes)
 
-    def single_pass(shift: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    def single_pass(shift: jax.Array) -> tuple[jax.Array, ...]:
         s1, s2 = _shifted_sums(x, mask, shift, axes)
+        count = local_count
+        if axis_name is not None:
+            sums = jnp.stack([local_count, s1, s2])
+            count, s1, s2 = psum_in_groups(sums, axis_name, axis_index_groups)
+        safe_count = jnp.maximum(count, 1.0)
         offset = s1 / safe_count
-        return shift, offset, jnp.maximum(s2 / safe_count - offset * offset, 0.0)
+        var = jnp.maximum(s2 / safe_count - offset * offset, 0.0)
+        return count, varying_as(shift, offset), offset, var
 
-    shift, offset, var = single_pass(shift)
-    shift, offset, var = lax.cond(
+    count, shift, offset, var = single_pass(shift)
+    # Where the shift was far from the data (a masked first value; across
+    # devices, a running mean that lags), redo the sums around ``shift +
+    # offset``: a lax.cond, free when not taken, whose predicate is the same on
+    # every device.
+    count, shift, offset, var = lax.cond(
         jnp.any(offset * offset > _RECENTRE * var),
-        lambda s, o, v: single_pass(lax.stop_gradient(s + o)),
-        lambda s, o, v: (s, o, v),
+        lambda n, s, o, v: single_pass(lax.stop_gradient(s + o)),
+        lambda n, s, o, v: (n, s, o, v),
+        count,
         shift,
         offset,
         var,
     )
-    if axis_name is None:
-        return ShiftedMoments(count, shift, offset, var)
-    # Chan's parallel merge: two all-reduces. The first gives the global count
-    # and a rounded global mean ``g``; the second sums each device's squares
-    # around ``g``, and also the gaps ``mean - g``, so the exact global mean is
-    # ``g + offset`` with a small offset. ``g`` is the same on every device, so
-    # the results are too (shard_map can return them with out_specs P()).
-    sums = psum_in_groups(
-        jnp.stack([count, count * (shift + offset)]), axis_name, axis_index_groups
-    )
-    global_count = jnp.maximum(sums[0], 1.0)
-    common = lax.stop_gradient(sums[1] / global_count)
-    gap = (shift - common) + offset  # exact where shift is close to common
-    both = psum_in_groups(
-        jnp.stack([count * (var + gap * gap), count * gap]),
-        axis_name,
-        axis_index_groups,
-    )
-    global_offset = both[1] / global_count
-    global_m2 = both[0] - global_count * global_offset * global_offset
-    global_var = jnp.maximum(global_m2 / global_count, 0.0)
-    return ShiftedMoments(sums[0], common, global_offset, global_var)
+    return ShiftedMoments(count, shift, offset, var)
 
 
 def batch_moments(

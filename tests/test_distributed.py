@@ -342,6 +342,22 @@ def _all_reduces(compiled_text: str | None) -> int:
     return len(re.findall(r"all-reduce(?:-start)?\(", compiled_text))
 
 
+def _conditional_all_reduces(compiled_text: str | None) -> int:
+    """All-reduces inside the branches of a conditional (run only when taken)."""
+    assert compiled_text is not None
+    branches = set()
+    for names in re.findall(r"branch_computations=\{([^}]*)\}", compiled_text):
+        branches |= {n.strip().lstrip("%") for n in names.split(",")}
+    count, current = 0, None
+    for line in compiled_text.splitlines():
+        header = re.match(r"^(?:ENTRY )?%?([\w.\-]+) ", line)
+        if header and not line.startswith(" "):
+            current = header.group(1)
+        elif current in branches and re.search(r"all-reduce(?:-start)?\(", line):
+            count += 1
+    return count
+
+
 def test_collective_counts_in_compiled_hlo():
     x = data((64, FEATURES), seed=10)
     t = data((64, FEATURES), seed=11)
@@ -384,9 +400,20 @@ def test_collective_counts_in_compiled_hlo():
             )
         )
         n_step = _all_reduces(train.lower(params, stats, o, xs, ts).compile().as_text())
-    print(f"all-reduces: forward {n_forward}, training step {n_step}")
-    # The statistics: count and mean, then the centred sums of squares.
-    assert n_forward == 2
-    # Forward 2, backward 1 (sum(dy), sum(dy * xhat)), the parameter gradients'
-    # sum 1; XLA may combine some of them.
-    assert n_step <= 4
+    c_forward = _conditional_all_reduces(
+        fwd.lower(params, stats, xs).compile().as_text()
+    )
+    c_step = _conditional_all_reduces(
+        train.lower(params, stats, o, xs, ts).compile().as_text()
+    )
+    print(
+        f"all-reduces: forward {n_forward} ({c_forward} conditional), "
+        f"training step {n_step} ({c_step} conditional)"
+    )
+    # Forward: one all-reduce of (count, s1, s2) around the replicated running
+    # mean, plus one inside the re-centring branch, run only when that shift is
+    # far from the data (the first steps of a layer whose inputs have a large mean).
+    assert (n_forward, c_forward) == (1 + 1, 1)
+    # A training step runs at most two: the forward's and the backward's
+    # (sum(dy), sum(dy * xhat)), with which XLA combines the parameter gradients'.
+    assert n_step - c_step <= 2
