@@ -68,8 +68,8 @@ def psum_in_groups(x: jax.Array, axis_name: AxisName, groups: Any) -> jax.Array:
     ``axis_index_groups``, and inside ``lax.cond`` under ``jax.vmap`` the failure
     would come too late to catch; so everywhere each device puts its value in
     its group's row of a zero table, one ungrouped psum fills every row, and
-    each device reads its own group's row back. Needs no axis size, so it also serves backward
-    passes (``devices_in_axis`` has checked the groups at trace time).
+    each device reads its own group's row back. Needs no axis size, so it also
+    serves backward passes (``devices_in_axis`` has checked the groups).
     """
     if groups is None:
         return lax.psum(x, axis_name)
