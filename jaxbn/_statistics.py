@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Hashable, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, overload
 
 import jax
 import jax.numpy as jnp
@@ -88,6 +88,10 @@ def _varying(a: jax.Array) -> frozenset:
     return frozenset() if manual is None else frozenset(manual.varying)
 
 
+@overload
+def varying_as(a: jax.Array, ref: jax.Array) -> jax.Array: ...
+@overload
+def varying_as(a: None, ref: jax.Array) -> None: ...
 def varying_as(a: jax.Array | None, ref: jax.Array) -> jax.Array | None:
     """``a`` marked as varying over the ``jax.shard_map`` axes that ref varies over.
 
