@@ -17,7 +17,8 @@ from examples.mnist import train
 from examples.mnist.configs import default
 
 
-def _parse_features(text: str) -> tuple[int, ...]:
+def int_list(text: str) -> tuple[int, ...]:
+    """Parses a flag such as ``32,64`` into ``(32, 64)``."""
     try:
         return tuple(int(f) for f in text.split(","))
     except ValueError:
@@ -54,7 +55,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--features",
-        type=_parse_features,
+        type=int_list,
         help="convolution widths, e.g. 16,32 (default "
         + ",".join(map(str, defaults.features))
         + ")",

@@ -27,23 +27,15 @@ import optax
 
 from examples.mnist import input_pipeline, train
 from examples.mnist.configs.default import Config
-
-
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(s) for s in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}"
-        ) from None
+from examples.mnist.main import int_list
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parses the flags."""
     p = argparse.ArgumentParser(prog="python -m examples.mnist.pitfalls")
-    p.add_argument("--steps", type=_ints, default=(100, 300, 1000))
+    p.add_argument("--steps", type=int_list, default=(100, 300, 1000))
     p.add_argument("--momentum", type=float, default=0.999)
-    p.add_argument("--features", type=_ints, default=(16, 32))
+    p.add_argument("--features", type=int_list, default=(16, 32))
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--learning_rate", type=float, default=1e-3)
     p.add_argument("--batch_size", type=int, default=128)
