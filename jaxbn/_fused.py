@@ -132,25 +132,7 @@ def _train(
     bias: jax.Array | None,
     fallback: jax.Array,
 ) -> tuple[jax.Array, ShiftedMoments]:
-    y, moments, _ = _forward(config, x, mask, scale, bias, fallback)
-    return y, moments
-
-
-def _forward(
-    config: _Config,
-    x: jax.Array,
-    mask: jax.Array | None,
-    scale: jax.Array | None,
-    bias: jax.Array | None,
-    fallback: jax.Array,
-) -> tuple[jax.Array, ShiftedMoments, jax.Array]:
-    m = shifted_moments(
-        x, config.reduction_axes, mask, config.axis_name, config.groups, fallback
-    )
-    y = normalize(
-        x, m.offset, m.var, scale, bias, config.epsilon, config.dtype, m.shift
-    )
-    return y, m, lax.rsqrt(m.var + config.epsilon)
+    return _train_fwd(config, x, mask, scale, bias, fallback)[0]
 
 
 def _train_fwd(
@@ -161,7 +143,13 @@ def _train_fwd(
     bias: jax.Array | None,
     fallback: jax.Array,
 ) -> tuple[tuple[jax.Array, ShiftedMoments], tuple]:
-    y, m, r = _forward(config, x, mask, scale, bias, fallback)
+    m = shifted_moments(
+        x, config.reduction_axes, mask, config.axis_name, config.groups, fallback
+    )
+    y = normalize(
+        x, m.offset, m.var, scale, bias, config.epsilon, config.dtype, m.shift
+    )
+    r = lax.rsqrt(m.var + config.epsilon)
     bias_dtype = None if bias is None else jnp.zeros((), bias.dtype)
     residuals = (x, mask, scale, bias_dtype, m.count, m.shift, m.offset, r)
     return (y, m), residuals
