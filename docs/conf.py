@@ -57,6 +57,7 @@ nb_execution_raise_on_error = True  # a failing cell fails the build
 nb_execution_show_tb = True
 nb_output_stderr = "remove-warn"  # anything on stderr (a warning) is a build warning
 nb_merge_streams = True
+nb_render_markdown_format = "myst"  # tables printed by cells (IPython Markdown)
 
 # --- autodoc -------------------------------------------------------------------
 autosummary_generate = True

@@ -11,14 +11,21 @@ what the running statistics should approximate.
 Run from the repository root::
 
     python -m examples.mnist.pitfalls
+
+``--json PATH`` also writes the measured accuracies, and ``--plot PATH`` draws
+test accuracy against training steps for both layers (the documentation's figure
+comes from ``--steps 25,50,...,1000 --json ... --plot ...``, see
+``docs/make_figures.py``).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +50,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train_limit", type=int)
     p.add_argument("--test_limit", type=int)
+    p.add_argument("--json", type=Path, help="also write the results to this file")
+    p.add_argument("--plot", type=Path, help="also plot test accuracy vs steps")
     return p.parse_args(argv)
 
 
@@ -106,6 +115,40 @@ def run(
     return results
 
 
+def plot_results(
+    results: dict[str, dict[int, dict[str, float]]], momentum: float, path: Path
+) -> None:
+    """Plots test accuracy against training steps for both layers.
+
+    Args:
+        results: ``run``'s output for ``"flax"`` and ``"jaxbn"``.
+        momentum: the momentum both runs used (for the title).
+        path: the image file to write (PNG or SVG).
+    """
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 4.5), layout="constrained")
+    ax = fig.subplots()
+    steps = sorted(results["jaxbn"])
+    for name, key, label, style in (
+        ("jaxbn", "train", "train accuracy (training mode)", ":"),
+        ("jaxbn", "batch", "test, batch statistics", "--"),
+        ("jaxbn", "running", "test, jaxbn.linen.BatchNorm running statistics", "o-"),
+        ("flax", "running", "test, flax.linen.BatchNorm running statistics", "s-"),
+    ):
+        values = [100 * results[name][s][key] for s in steps]
+        ax.plot(steps, values, style, label=label)
+    ax.set(
+        xlabel="training steps",
+        ylabel="accuracy (%)",
+        title=f"MNIST, momentum {momentum}: evaluation with the running statistics",
+        ylim=(0, 100),
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower left")
+    fig.savefig(path, dpi=100)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Trains with both layers and prints the table (Markdown)."""
     args = parse_args(argv)
@@ -163,6 +206,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         "\nThe two runs' batch-statistics accuracies differ by at most "
         f"{100 * max(gaps):.2f} percentage points."
     )
+    if args.json:
+        settings = {k: v for k, v in vars(args).items() if k not in ("json", "plot")}
+        record = {
+            "settings": settings,
+            "test_images": len(test_x),
+            "results": results,
+        }
+        args.json.write_text(json.dumps(record, indent=1) + "\n")
+    if args.plot:
+        plot_results(results, args.momentum, args.plot)
     return 0
 
 
