@@ -28,7 +28,7 @@ import jaxbn  # noqa: E402
 
 project = "jaxbn"
 author = "the jaxbn authors"
-copyright = "the jaxbn authors"  # noqa: A001
+copyright = "the jaxbn authors"
 release = jaxbn.__version__
 version = release
 
@@ -93,7 +93,9 @@ def public_modules() -> list[str]:
     import pkgutil
 
     names = sorted(
-        m.name for m in pkgutil.iter_modules(jaxbn.__path__) if not m.name.startswith("_")
+        m.name
+        for m in pkgutil.iter_modules(jaxbn.__path__)
+        if not m.name.startswith("_")
     )
     return ["jaxbn", *(f"jaxbn.{n}" for n in names)]
 
@@ -120,7 +122,15 @@ def api_rst() -> str:
         module = importlib.import_module(modname)
         summary = (module.__doc__ or modname).strip().splitlines()[0]
         title = f"``{modname}``"
-        out += [title, "-" * len(title), "", summary, "", f".. currentmodule:: {modname}", ""]
+        out += [
+            title,
+            "-" * len(title),
+            "",
+            summary,
+            "",
+            f".. currentmodule:: {modname}",
+            "",
+        ]
         documented, data = [], []
         for name in module.__all__:
             obj = getattr(module, name)
@@ -128,7 +138,12 @@ def api_rst() -> str:
                 documented.append(name)
             else:
                 data.append((name, obj))
-        out += [".. autosummary::", "   :toctree: _autosummary", "   :nosignatures:", ""]
+        out += [
+            ".. autosummary::",
+            "   :toctree: _autosummary",
+            "   :nosignatures:",
+            "",
+        ]
         out += [f"   {name}" for name in documented]
         out.append("")
         for name, obj in data:
@@ -147,7 +162,7 @@ def _write_api_page(app, config) -> None:
         target.write_text(text)
 
 
-def setup(app):
+def setup(app):  # noqa: D103 (Sphinx extension hook)
     app.connect("config-inited", _write_api_page)
 
 
