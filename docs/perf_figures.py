@@ -1,0 +1,186 @@
+"""Tables and plots of the benchmark results in ``benchmarks/results/*.json``.
+
+The performance page calls these functions when the site is built, so its tables
+and figures always match the committed results; run this file to write the same
+figures as PNG files (no timing is done here, only reading)::
+
+    python docs/perf_figures.py --out /tmp/figures
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+OPS = ("fwd", "fwdbwd", "bwd", "eval")
+OP_NAMES = {
+    "fwd": "training forward",
+    "fwdbwd": "training forward + backward",
+    "bwd": "backward",
+    "eval": "evaluation",
+}
+COMPARED = ("jaxbn", "flax.linen", "torch")
+_MIB = float(1 << 20)
+
+
+def load_run(name: str, allocator: str = "tuned") -> dict[str, Any]:
+    """The run of ``benchmarks/results/<name>.json`` with the given allocator."""
+    runs = json.loads((RESULTS / f"{name}.json").read_text())["runs"]
+    for run in runs:
+        if run.get("allocator_setting") == allocator:
+            return run
+    raise ValueError(f"{name}.json has no run with allocator {allocator!r}")
+
+
+def _label(shape: dict[str, Any]) -> str:
+    dtype = {"float32": "f32", "bfloat16": "bf16"}.get(shape["dtype"], shape["dtype"])
+    return f"{tuple(shape['shape'])} {dtype}"
+
+
+def setup_text(run: dict[str, Any]) -> str:
+    """One paragraph (Markdown) describing the machine and the method of a run."""
+    m = run["machine"]
+    versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items())
+    return (
+        f"{m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB; {versions}. "
+        f"{run['reps']} samples per case, cache flushed before each call, medians; "
+        f"allocator {run['allocator_setting']}, donation "
+        f"{'on' if run['donate'] else 'off'}; command `{run['command']}`; "
+        f"date {run['date'][:10]}."
+    )
+
+
+def headline_table(run: dict[str, Any], donated: dict[str, Any]) -> str:
+    """The main table (Markdown): jaxbn against flax.linen and torch per case."""
+    rows = [
+        "| shape | op | jaxbn ms | flax.linen ms | flax.linen ÷ jaxbn "
+        "| flax 2-pass ÷ jaxbn | torch ÷ jaxbn | of roofline "
+        "| with donation: jaxbn ms / of roofline |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    donated_shapes = {s["name"]: s for s in donated["shapes"]}
+    for shape in run["shapes"]:
+        results = shape["results"]
+        for op in OPS:
+            ours = results["jaxbn"][op]["median_ms"]
+            flax = results["flax.linen"][op]["median_ms"]
+            two_pass = results["flax.linen-2pass"][op]["median_ms"]
+            torch = results["torch"][op]["median_ms"]
+            d = donated_shapes[shape["name"]]["results"]["jaxbn"][op]
+            rows.append(
+                f"| {_label(shape)} | {op} | {ours:.2f} | {flax:.2f} "
+                f"| {flax / ours:.2f}× | {two_pass / ours:.2f}× | {torch / ours:.2f}× "
+                f"| {100 * results['jaxbn'][op]['roofline_fraction']:.0f}% "
+                f"| {d['median_ms']:.2f} / {100 * d['roofline_fraction']:.0f}% |"
+            )
+    return "\n".join(rows)
+
+
+def memory_table(run: dict[str, Any]) -> str:
+    """Residuals, XLA scratch and compile time (Markdown), jaxbn vs flax.linen."""
+    rows = [
+        "| shape | S MiB | residuals ÷ S (jaxbn / flax.linen) "
+        "| fwd+bwd XLA temp ÷ S (jaxbn / flax.linen) "
+        "| compile ms (jaxbn / flax.linen) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for shape in run["shapes"]:
+        size, facts, comp = shape["bytes"], shape["facts"], shape["compile"]
+        pair = ("jaxbn", "flax.linen")
+        res = " / ".join(f"{facts[i]['residual_bytes'] / size:.2f}" for i in pair)
+        temp = " / ".join(f"{facts[i]['fwdbwd_temp_bytes'] / size:.2f}" for i in pair)
+        ms = " / ".join(f"{1e3 * comp[i]['compile_s']:.0f}" for i in pair)
+        rows.append(f"| {_label(shape)} | {size / _MIB:.0f} | {res} | {temp} | {ms} |")
+    return "\n".join(rows)
+
+
+def traces_table(run: dict[str, Any]) -> str:
+    """Traces of a step called 8 times alternating train=True/False (Markdown)."""
+    rows = [
+        "| implementation | static Python bool | traced boolean array |",
+        "|---|---:|---:|",
+    ]
+    for impl, t in run["traces"].items():
+        rows.append(
+            f"| {impl} | {t.get('static_bool', '–')} | {t.get('traced_bool', '–')} |"
+        )
+    return "\n".join(rows)
+
+
+def plot_times(run: dict[str, Any]) -> Any:
+    """Median time against the size of x (float32 shapes), one panel per op."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 7), layout="constrained")
+    axes = fig.subplots(2, 2).ravel()
+    shapes = sorted(
+        (s for s in run["shapes"] if s["dtype"] == "float32"), key=lambda s: s["bytes"]
+    )
+    for ax, op in zip(axes, OPS, strict=True):
+        for impl, style in zip(COMPARED, ("o-", "s--", "^:"), strict=True):
+            sizes = [s["bytes"] / _MIB for s in shapes]
+            times = [s["results"][impl][op]["median_ms"] for s in shapes]
+            ax.plot(sizes, times, style, label=impl)
+        for s in shapes:
+            ax.annotate(
+                str(tuple(s["shape"])),
+                (s["bytes"] / _MIB, s["results"]["jaxbn"][op]["median_ms"]),
+                fontsize=7,
+                xytext=(4, -10),
+                textcoords="offset points",
+            )
+        ax.set(
+            title=OP_NAMES[op],
+            xlabel="size of x (MiB, float32)",
+            ylabel="median time (ms)",
+            ylim=(0, None),
+        )
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    return fig
+
+
+def plot_roofline(run: dict[str, Any], donated: dict[str, Any]) -> Any:
+    """The fraction of the memory roofline per case: jaxbn, flax.linen, donation."""
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 4), layout="constrained")
+    axes = fig.subplots(1, len(run["shapes"]), sharey=True)
+    donated_shapes = {s["name"]: s for s in donated["shapes"]}
+    x = np.arange(len(OPS))
+    for ax, shape in zip(axes, run["shapes"], strict=True):
+        for i, (impl, source) in enumerate(
+            (("jaxbn", shape), ("flax.linen", shape), ("jaxbn", None))
+        ):
+            src = donated_shapes[shape["name"]] if source is None else source
+            values = [100 * src["results"][impl][op]["roofline_fraction"] for op in OPS]
+            label = impl if source is not None else "jaxbn, x donated"
+            ax.bar(x + (i - 1) * 0.27, values, 0.27, label=label)
+        ax.set_xticks(x, list(OPS))
+        ax.set_title(_label(shape), fontsize=9)
+        ax.axhline(100, color="k", lw=0.8)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].set_ylabel("% of roofline")
+    axes[0].legend(fontsize=8)
+    return fig
+
+
+def main() -> None:
+    """Writes the two figures of the performance page as PNG files."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True, help="output directory")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    run, donated = load_run("cpu-2core"), load_run("cpu-2core-donate")
+    plot_times(run).savefig(args.out / "times.png", dpi=100)
+    plot_roofline(run, donated).savefig(args.out / "roofline.png", dpi=100)
+    print(f"wrote {args.out}/times.png and {args.out}/roofline.png")
+
+
+if __name__ == "__main__":
+    main()
