@@ -17,6 +17,7 @@ from pathlib import Path
 DOCS = Path(__file__).resolve().parent
 ROOT = DOCS.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(DOCS / "_ext"))
 # Executed pages import jaxbn and examples from the repository root, and the
 # distributed page simulates 8 CPU devices; the kernels inherit this environment.
 os.environ["PYTHONPATH"] = os.pathsep.join(
@@ -37,7 +38,7 @@ extensions = [
     "sphinx.ext.autodoc",
     "sphinx.ext.autosummary",
     "sphinx.ext.napoleon",
-    "sphinx.ext.mathjax",
+    "mathtext_svg",  # formulas drawn at build time: readable offline (no MathJax CDN)
     "sphinx.ext.viewcode",
     "sphinx_copybutton",
 ]
@@ -178,10 +179,13 @@ nitpick_ignore_regex = [
     (r"py:class", r"(NoneType|Ellipsis|optional)"),
 ]
 
+html_math_renderer = "mathtext_svg"
+
 # --- HTML ------------------------------------------------------------------------
 html_theme = "sphinx_book_theme"
 html_title = f"jaxbn {release}"
 html_static_path = ["_static"]
+html_css_files = ["custom.css"]
 html_theme_options = {
     "show_toc_level": 2,
     "home_page_in_toc": True,
