@@ -51,7 +51,9 @@ root_doc = "index"
 # --- MyST and myst-nb ---------------------------------------------------------
 myst_enable_extensions = ["colon_fence", "dollarmath", "deflist"]
 myst_heading_anchors = 3
-nb_execution_mode = "cache"  # the test and CI force a fresh execution
+# Every build runs every page, so no page can show stale output; while editing,
+# pass -D nb_execution_mode=cache to rerun only the pages whose code changed.
+nb_execution_mode = "force"
 nb_execution_cache_path = str(DOCS / "_build" / ".jupyter_cache")
 nb_execution_timeout = 300
 nb_execution_raise_on_error = True  # a failing cell fails the build

@@ -55,29 +55,38 @@ def setup_text(run: dict[str, Any]) -> str:
 
 
 def headline_table(run: dict[str, Any], donated: dict[str, Any]) -> str:
-    """The main table (Markdown): jaxbn against flax.linen and torch per case."""
-    rows = [
-        "| shape | op | jaxbn ms | flax.linen ms | flax.linen ÷ jaxbn "
-        "| flax 2-pass ÷ jaxbn | torch ÷ jaxbn | of roofline "
-        "| with donation: jaxbn ms / of roofline |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+    """The main tables (Markdown), one per shape: jaxbn against flax.linen, torch.
+
+    Columns: jaxbn's and flax.linen's median times, the ratios flax.linen ÷
+    jaxbn, flax.linen(use_fast_variance=False) ÷ jaxbn and torch ÷ jaxbn
+    (above 1: jaxbn is faster), jaxbn's fraction of the roofline, and the same
+    two for jaxbn in the run with x donated.
+    """
     donated_shapes = {s["name"]: s for s in donated["shapes"]}
+    out = []
     for shape in run["shapes"]:
         results = shape["results"]
+        out += [
+            f"**{_label(shape)}**, S = {shape['bytes'] / _MIB:.0f} MiB",
+            "",
+            "| op | jaxbn ms | flax ms | flax ÷ jaxbn | 2-pass ÷ jaxbn "
+            "| torch ÷ jaxbn | roofline | donated: ms, roofline |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
         for op in OPS:
             ours = results["jaxbn"][op]["median_ms"]
             flax = results["flax.linen"][op]["median_ms"]
             two_pass = results["flax.linen-2pass"][op]["median_ms"]
             torch = results["torch"][op]["median_ms"]
             d = donated_shapes[shape["name"]]["results"]["jaxbn"][op]
-            rows.append(
-                f"| {_label(shape)} | {op} | {ours:.2f} | {flax:.2f} "
+            out.append(
+                f"| {op} | {ours:.2f} | {flax:.2f} "
                 f"| {flax / ours:.2f}× | {two_pass / ours:.2f}× | {torch / ours:.2f}× "
                 f"| {100 * results['jaxbn'][op]['roofline_fraction']:.0f}% "
-                f"| {d['median_ms']:.2f} / {100 * d['roofline_fraction']:.0f}% |"
+                f"| {d['median_ms']:.2f}, {100 * d['roofline_fraction']:.0f}% |"
             )
-    return "\n".join(rows)
+        out.append("")
+    return "\n".join(out)
 
 
 def memory_table(run: dict[str, Any]) -> str:
@@ -168,6 +177,17 @@ def plot_roofline(run: dict[str, Any], donated: dict[str, Any]) -> Any:
     axes[0].set_ylabel("% of roofline")
     axes[0].legend(fontsize=8)
     return fig
+
+
+def png(fig: Any) -> Any:
+    """The figure as an ``IPython.display.Image`` (PNG), for an executed page."""
+    import io
+
+    from IPython.display import Image
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    return Image(data=buf.getvalue(), format="png")
 
 
 def main() -> None:
