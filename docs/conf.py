@@ -115,13 +115,17 @@ This page is written by ``docs/conf.py`` at build time.
 """
 
 
-def api_rst() -> str:
-    """The API page: a section and an autosummary table per public module."""
+def api_rst(modules: list[str] | None = None) -> str:
+    """The API page: a section and an autosummary table per public module.
+
+    Args:
+        modules: the modules to list; default ``public_modules()``.
+    """
     import importlib
     import inspect
 
     out = [API_INTRO]
-    for modname in public_modules():
+    for modname in public_modules() if modules is None else modules:
         module = importlib.import_module(modname)
         summary = (module.__doc__ or modname).strip().splitlines()[0]
         title = f"``{modname}``"
