@@ -1,4 +1,4 @@
-"""Times whole train and eval steps with each batch norm: ``python -m benchmarks.end_to_end``.
+"""Times whole train and eval steps: ``python -m benchmarks.end_to_end``.
 
 For a CIFAR ResNet and the MNIST example's CNN (``benchmarks/models.py``), the
 train step (forward, backward, adam update, statistics update; the example's
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import inspect
 import json
 import math
 import os
@@ -20,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any
+from typing import Any, cast
 
 from benchmarks.models import IMPLEMENTATIONS, MODELS, REFERENCE
 from benchmarks.run import ALLOCATOR_VARS, _child_env, _log, _machine, _strip_outputs
@@ -88,7 +89,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     ):
         for name in names.split(","):
             if name not in valid:
-                p.error(f"{option}: unknown name {name!r}; expected one of {list(valid)}")
+                p.error(
+                    f"{option}: unknown name {name!r}; expected one of {list(valid)}"
+                )
     try:
         args.batches = [int(b) for b in args.batch.split(",")]
     except ValueError:
@@ -138,8 +141,9 @@ def _build(model_name: str, impl_name: str, batch: int, args: argparse.Namespace
         batch_stats=variables["batch_stats"],
         tx=optax.adam(LEARNING_RATE),
     )
-    train_step = jax.jit(example.train_step.__wrapped__, donate_argnums=0)
-    eval_step = jax.jit(example.eval_step.__wrapped__)
+    # The example's own steps, re-jitted: the train state donated, as users do.
+    train_step = jax.jit(inspect.unwrap(example.train_step), donate_argnums=0)
+    eval_step = jax.jit(inspect.unwrap(example.eval_step))
 
     first_call: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -166,11 +170,10 @@ def _build(model_name: str, impl_name: str, batch: int, args: argparse.Namespace
 
 
 def _mismatch(check: dict[str, Any], reference: dict[str, Any]) -> str:
-    pairs = [("eval_loss_initial", check["eval_loss_initial"], reference["eval_loss_initial"])]
-    pairs += [
-        (f"train_loss[{i}]", a, b)
-        for i, (a, b) in enumerate(zip(check["train_loss"], reference["train_loss"]))
-    ]
+    key = "eval_loss_initial"
+    pairs = [(key, check[key], reference[key])]
+    losses = zip(check["train_loss"], reference["train_loss"], strict=True)
+    pairs += [(f"train_loss[{i}]", a, b) for i, (a, b) in enumerate(losses)]
     for name, a, b in pairs:
         if not (math.isfinite(a) and abs(a - b) <= LOSS_RTOL * abs(b)):
             return f"{name} = {a:.6g} but {REFERENCE} gives {b:.6g}"
@@ -221,11 +224,13 @@ def _run_config(
         progress=lambda m: _log(f"[{label}] {m}"),
     )
     summaries = {key: Summary.of(s) for key, s in samples.items()}
-    for (impl_name, step), summary in summaries.items():
+    for key, summary in summaries.items():
+        impl_name, step = cast(tuple[str, str], key)
         entry = _ms(summary)
-        entry["samples_ms"] = [1e3 * t for t in samples[(impl_name, step)]]
-        if (REFERENCE, step) in summaries:
-            entry["vs_flax_linen"] = summaries[(REFERENCE, step)].median / summary.median
+        entry["samples_ms"] = [1e3 * t for t in samples[key]]
+        reference = summaries.get((REFERENCE, step))
+        if reference is not None:
+            entry["vs_flax_linen"] = reference.median / summary.median
         out["results"].setdefault(impl_name, {})[step] = entry
     timed.clear()
     return out
@@ -308,7 +313,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         run["allocator_setting"] = "inherited"
         runs = [run]
     else:
-        settings = ("tuned", "default") if args.allocator == "both" else (args.allocator,)
+        both = args.allocator == "both"
+        settings = ("tuned", "default") if both else (args.allocator,)
         runs = [_run_child(setting, argv) for setting in settings]
     results = {"runs": runs}
     text = render(results)

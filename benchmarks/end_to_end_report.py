@@ -82,8 +82,7 @@ def _table(run: dict[str, Any]) -> list[str]:
             lines.append(row)
         for impl, reason in config["skipped"].items():
             notes.append(
-                f"- {config['model']} batch {config['batch']}: skipped {impl}: "
-                f"{reason}"
+                f"- {config['model']} batch {config['batch']}: skipped {impl}: {reason}"
             )
         losses = ", ".join(
             f"{impl} " + "/".join(f"{v:.5f}" for v in c["train_loss"])

@@ -71,7 +71,9 @@ class CifarResNet(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         """Returns logits of shape ``(batch, num_classes)`` for NHWC images."""
-        norm = functools.partial(self.norm, momentum=self.momentum, epsilon=self.epsilon)
+        norm = functools.partial(
+            self.norm, momentum=self.momentum, epsilon=self.epsilon
+        )
         x = nn.Conv(self.widths[0], (3, 3), use_bias=False)(x)
         x = nn.relu(norm(use_running_average=not train)(x))
         for stage, width in enumerate(self.widths):
