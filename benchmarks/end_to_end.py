@@ -34,8 +34,10 @@ LEARNING_RATE = 1e-3
 # how float32 rounding falls (flax's one-pass E[x^2] - E[x]^2 variance, jaxbn's
 # two-pass one): about 1e-6 relative per normalization, compounded over up to 21
 # layers and amplified by adam's first, sign-like update (m / sqrt(v)), for
-# parameters whose gradient is near zero, before the second loss. 1e-3 is far
-# above that and far below what a wrong statistic or a missing update changes.
+# parameters whose gradient is near zero, before the second loss (seen here:
+# 2.6e-5 for ResNet-20 at batch 128, 1e-7 for the MNIST CNN). 1e-3 is far
+# above that and far below what a missing update or a layer that does not
+# normalize changes.
 LOSS_RTOL = 1e-3
 
 
