@@ -31,7 +31,7 @@ def _header(run: dict[str, Any]) -> list[str]:
         f"last-level cache {m['llc_bytes'] / _MIB:.0f} MiB; {m['platform']}",
         f"- Versions: {versions}",
         f"- Command: `{run['command']}`; {run['reps']} samples per case after "
-        f"{run['warmup']} warm-up calls, round-robin in a shuffled order; cache "
+        f"{run['warmup']} warm-up call(s), round-robin in a shuffled order; cache "
         f"flushed with {m['flush_bytes'] / _MIB:.0f} MiB before each call",
         f"- Date {run['date']}; load average {load} at start, {load_end} at end; "
         f"{run['seconds']:.0f} s",
