@@ -23,7 +23,7 @@ import tempfile
 import time
 from typing import Any, cast
 
-from benchmarks.models import IMPLEMENTATIONS, MODELS, REFERENCE
+from benchmarks.models import IMPLEMENTATIONS, MODELS, NUM_CLASSES, REFERENCE
 from benchmarks.run import ALLOCATOR_VARS, _child_env, _log, _machine, _strip_outputs
 
 PROG = "python -m benchmarks.end_to_end"
@@ -119,8 +119,10 @@ class _TrainChain:
         jax.block_until_ready((self.state, metrics))
 
 
-def _build(model_name: str, impl_name: str, batch: int, args: argparse.Namespace):
-    """Returns the timed cases of one implementation and its check values."""
+def _build(
+    model_name: str, impl_name: str, batch: int, args: argparse.Namespace
+) -> tuple[list[Any], dict[str, Any], dict[str, float]]:
+    """Returns the timed cases of one build, its check values, first-call times."""
     import jax
     import jax.numpy as jnp
     import optax
@@ -133,7 +135,7 @@ def _build(model_name: str, impl_name: str, batch: int, args: argparse.Namespace
     image = spec.quick_image_shape if args.quick else spec.image_shape
     kx, ky = jax.random.split(jax.random.key(args.seed))
     images = jax.random.normal(kx, (batch, *image), jnp.float32)
-    labels = jax.random.randint(ky, (batch,), 0, 10)
+    labels = jax.random.randint(ky, (batch,), 0, NUM_CLASSES)
     mask = jnp.ones((batch,), jnp.float32)
     # The same key for every implementation: identical initial parameters.
     variables = model.init(jax.random.key(1), images[:1], train=False)

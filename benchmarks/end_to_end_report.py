@@ -92,6 +92,14 @@ def _table(run: dict[str, Any]) -> list[str]:
             f"- {config['model']} batch {config['batch']}: train loss of the "
             f"first two steps: {losses}"
         )
+        first = ", ".join(
+            f"{impl} {t['train']:.1f}/{t['eval']:.1f}"
+            for impl, t in config["first_call_s"].items()
+        )
+        notes.append(
+            f"- {config['model']} batch {config['batch']}: first (compiling) call "
+            f"of the train/eval step, s: {first}"
+        )
     return [*lines, "", *notes, ""]
 
 
