@@ -24,8 +24,11 @@ def as_numpy(value: Any, name: str) -> np.ndarray:
     """``value`` as a NumPy array, from NumPy, JAX, PyTorch, Keras or Flax NNX.
 
     A PyTorch tensor goes through ``.detach().cpu()`` (bfloat16 through
-    float32, which NumPy lacks; it is cast back by the caller's jnp array); a
-    Flax NNX variable through ``[...]``; anything else through ``np.asarray``.
+    float32, which NumPy lacks); a Flax NNX variable through ``get_value()``;
+    a Keras variable through ``.value``;
+    anything else through ``np.array``. The result is always a copy: JAX on CPU
+    may alias a NumPy buffer, and PyTorch updates its running statistics in
+    place, so a view would change under the converted variables.
 
     Raises:
       TypeError: if ``value`` is None or not array-like.
@@ -35,12 +38,14 @@ def as_numpy(value: Any, name: str) -> np.ndarray:
     if hasattr(value, "detach") and hasattr(value, "cpu"):  # torch.Tensor
         value = value.detach().cpu()
         if str(value.dtype) == "torch.bfloat16":
-            return np.asarray(jnp.asarray(value.float().numpy(), jnp.bfloat16))
-        return value.numpy()
+            return np.array(jnp.asarray(value.float().numpy(), jnp.bfloat16))
+        return value.numpy().copy()
     if hasattr(value, "get_value") and hasattr(value, "set_value"):  # nnx.Variable
         value = value.get_value()
+    elif hasattr(value, "assign") and hasattr(value, "value"):  # keras.Variable
+        value = value.value  # the backend's array (Keras's .numpy() warns on NumPy 2)
     try:
-        return np.asarray(value)
+        return np.array(value)
     except Exception as e:
         raise TypeError(
             f"{name} of type {type(value).__name__} is not an array; expected a "
@@ -151,10 +156,12 @@ def split_jaxbn(
             f"batch_stats lacks {sorted(missing)}; expected the keys ['count', "
             "'mean', 'var'] of one jaxbn batch-norm layer."
         )
-    mean = np.asarray(batch_stats["mean"], np.float32)
-    var = np.asarray(batch_stats["var"], np.float32)
-    scale = None if "scale" not in params else np.asarray(params["scale"])
-    bias = None if "bias" not in params else np.asarray(params["bias"])
+    # Writable copies (a jax array's NumPy view is read-only, which PyTorch
+    # warns about when it wraps one).
+    mean = np.array(batch_stats["mean"], np.float32)
+    var = np.array(batch_stats["var"], np.float32)
+    scale = None if "scale" not in params else np.array(params["scale"])
+    bias = None if "bias" not in params else np.array(params["bias"])
     for name, arr in (("var", var), ("scale", scale), ("bias", bias)):
         if arr is not None and arr.shape != mean.shape:
             raise ValueError(

@@ -12,6 +12,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from ._convert_common import CONVERGED_COUNT, jaxbn_variables, split_jaxbn
 
@@ -153,7 +154,8 @@ def to_equinox(
         old_mean, _ = state.get(module.batch_state_index)
         hidden = (jnp.asarray(mean, old_mean.dtype), jnp.asarray(var, old_mean.dtype))
         counter = state.get(module.batch_counter)
-        new_counter = jnp.asarray(CONVERGED_COUNT if count > 0 else 0, counter.dtype)
+        # full_like keeps the counter's weak type, which State.set checks.
+        new_counter = lax.full_like(counter, CONVERGED_COUNT if count > 0 else 0)
         state = state.set(module.batch_counter, new_counter)
         return module, state.set(module.batch_state_index, hidden)
     old_mean, _ = state.get(module.ema_state_index)
