@@ -400,9 +400,15 @@ def _eqx():
 
 
 def _eqx_run(bn, state, x, axis_name="batch"):
-    """Equinox's way: one example per vmap lane, the state shared."""
-    run = jax.vmap(bn, axis_name=axis_name, in_axes=(0, None), out_axes=(0, None))
-    return run(x, state)
+    """Equinox's way: one example per vmap lane, the state shared (jitted)."""
+    eqx = _eqx()
+
+    @eqx.filter_jit
+    def run(bn, state, x):
+        vmapped = jax.vmap(bn, axis_name=axis_name, in_axes=(0, None), out_axes=(0, None))
+        return vmapped(x, state)
+
+    return run(bn, state, x)
 
 
 def test_equinox_batch_mode_from_and_to():
