@@ -11,6 +11,7 @@ Running statistics are weighted sums of such statistics and get the same bound.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import jax
@@ -401,14 +402,16 @@ def _eqx():
 
 def _eqx_run(bn, state, x, axis_name="batch"):
     """Equinox's way: one example per vmap lane, the state shared (jitted)."""
-    eqx = _eqx()
+    return _eqx_run_jit(_eqx().filter_jit)(bn, state, x, axis_name)
 
-    @eqx.filter_jit
-    def run(bn, state, x):
+
+@functools.cache
+def _eqx_run_jit(filter_jit):
+    def run(bn, state, x, axis_name):
         vmapped = jax.vmap(bn, axis_name=axis_name, in_axes=(0, None), out_axes=(0, None))
         return vmapped(x, state)
 
-    return run(bn, state, x)
+    return filter_jit(run)
 
 
 def test_equinox_batch_mode_from_and_to():
