@@ -7,8 +7,8 @@ through duck typing) and builds jaxbn's ``params = {"scale", "bias"}`` and
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -133,7 +133,7 @@ def jaxbn_variables(
 def split_jaxbn(
     params: Mapping[str, Any], batch_stats: Mapping[str, Any]
 ) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray, np.ndarray, int]:
-    """jaxbn's ``(params, batch_stats)`` as NumPy ``(scale, bias, mean, var, count)``.
+    """Jaxbn's ``(params, batch_stats)`` as NumPy ``(scale, bias, mean, var, count)``.
 
     Raises:
       ValueError: for a missing statistic, an unknown key, or mismatched shapes.

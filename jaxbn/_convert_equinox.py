@@ -36,7 +36,7 @@ def _kind(module: Any) -> str:
 def from_equinox(
     module: Any, state: Any, *, count: int = CONVERGED_COUNT
 ) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
-    """jaxbn ``(params, batch_stats)`` from an Equinox batch norm and its state.
+    """Jaxbn ``(params, batch_stats)`` from an Equinox batch norm and its state.
 
     ``weight``/``bias`` become ``scale``/``bias`` (absent with
     ``channelwise_affine=False``). The statistics are those Equinox evaluates

@@ -18,7 +18,7 @@ from ._convert_common import CONVERGED_COUNT, as_numpy, jaxbn_variables, split_j
 def from_flax(
     variables: Any, *, count: int = CONVERGED_COUNT
 ) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
-    """jaxbn ``(params, batch_stats)`` from a Flax BatchNorm (linen or NNX).
+    """Jaxbn ``(params, batch_stats)`` from a Flax BatchNorm (linen or NNX).
 
     The names are the same (``scale``, ``bias``, ``mean``, ``var``; Flax also
     averages the biased variance with ``momentum`` as the decay). ``count`` is

@@ -44,7 +44,7 @@ def from_haiku(
     name: str | None = None,
     count: int = CONVERGED_COUNT,
 ) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
-    """jaxbn ``(params, batch_stats)`` from an ``hk.BatchNorm``'s params and state.
+    """Jaxbn ``(params, batch_stats)`` from an ``hk.BatchNorm``'s params and state.
 
     ``scale``/``offset`` become ``scale``/``bias``; the ``average`` of
     ``mean_ema`` and ``var_ema`` (the zero-debiased running averages Haiku

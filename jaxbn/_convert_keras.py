@@ -21,7 +21,7 @@ _RENORM = ("moving_stddev", "renorm_mean", "renorm_stddev")
 def from_keras(
     weights: Sequence[Any] | Mapping[str, Any], *, count: int = CONVERGED_COUNT
 ) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
-    """jaxbn ``(params, batch_stats)`` from a Keras 3 ``BatchNormalization``.
+    """Jaxbn ``(params, batch_stats)`` from a Keras 3 ``BatchNormalization``.
 
     ``gamma``/``beta`` become ``scale``/``bias``; ``moving_mean`` and
     ``moving_variance`` become ``mean`` and ``var`` (Keras also averages the

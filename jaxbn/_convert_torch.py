@@ -20,7 +20,7 @@ _KEYS = ("weight", "bias", "running_mean", "running_var")
 def from_torch(
     state_dict: Mapping[str, Any], *, prefix: str = "", count: int = CONVERGED_COUNT
 ) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
-    """jaxbn ``(params, batch_stats)`` from a PyTorch ``BatchNorm{1,2,3}d`` state dict.
+    """Jaxbn ``(params, batch_stats)`` from a PyTorch ``BatchNorm{1,2,3}d`` state dict.
 
     ``weight``/``bias`` become ``scale``/``bias`` (both absent with
     ``affine=False``), ``running_mean``/``running_var`` become ``mean``/``var``.
@@ -136,7 +136,8 @@ def to_torch(
       >>> params, stats = jaxbn.batch_norm(axis=1).init(jnp.zeros((4, 3)))
       >>> sd = interop.to_torch(params, stats, prefix="bn.")
       >>> sorted(sd)
-      ['bn.bias', 'bn.num_batches_tracked', 'bn.running_mean', 'bn.running_var', 'bn.weight']
+      ['bn.bias', 'bn.num_batches_tracked', 'bn.running_mean', 'bn.running_var',
+       'bn.weight']
       >>> sd["bn.running_var"], sd["bn.num_batches_tracked"].dtype
       (array([1., 1., 1.], dtype=float32), dtype('int64'))
     """
@@ -179,7 +180,7 @@ def torch_momentum(momentum: float) -> float:
 
 
 def momentum_from_torch(momentum: float | None) -> float:
-    """jaxbn's ``momentum`` (the decay) for a PyTorch ``momentum``.
+    """Jaxbn's ``momentum`` (the decay) for a PyTorch ``momentum``.
 
     Args:
       momentum: PyTorch's momentum, in ``(0, 1]``.

@@ -11,6 +11,7 @@ The model lives here so that the test trains and saves the very same one.
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -31,12 +32,12 @@ class Net(nn.Module):
         return jaxbn.linen.BatchNorm(use_running_average=not train)(x)
 
 
-def evaluate(variables: dict, x: np.ndarray) -> jax.Array:
+def evaluate(variables: Any, x: np.ndarray) -> jax.Array:
     """The model's evaluation output, jitted (the same program in both processes)."""
     return jax.jit(lambda v, x: Net().apply(v, x, train=False))(variables, x)
 
 
-def flat(variables: dict) -> dict[str, np.ndarray]:
+def flat(variables: Any) -> dict[str, np.ndarray]:
     """Every variable as a NumPy array keyed by its path."""
     leaves = jax.tree_util.tree_flatten_with_path(variables)[0]
     return {jax.tree_util.keystr(k): np.asarray(v) for k, v in leaves}
@@ -50,7 +51,8 @@ def main(path: str, out: str) -> None:
     # The restore target: shapes and dtypes only, from init under eval_shape.
     abstract = jax.eval_shape(lambda: Net().init(jax.random.key(0), x, train=False))
     variables = ocp.StandardCheckpointer().restore(path, abstract)
-    np.savez(out, y=np.asarray(evaluate(variables, x)), **flat(variables))
+    arrays = {"y": np.asarray(evaluate(variables, x)), **flat(variables)}
+    np.savez(out, **arrays)  # type: ignore[arg-type]
 
 
 if __name__ == "__main__":

@@ -15,15 +15,17 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+import checkpoint_worker as worker
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import checkpoint_worker as worker
-
-ocp = pytest.importorskip("orbax.checkpoint", reason="orbax-checkpoint is not installed")
+ocp = pytest.importorskip(
+    "orbax.checkpoint", reason="orbax-checkpoint is not installed"
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_orbax_round_trip_in_a_fresh_process(tmp_path):
     x = np.random.default_rng(0).normal(0.0, 1.0, (16, 5)).astype(np.float32)
     model = worker.Net()
-    variables = model.init(jax.random.key(1), x, train=False)
+    variables: dict[str, Any] = dict(model.init(jax.random.key(1), x, train=False))
 
     @jax.jit
     def train_step(variables, x):
@@ -47,7 +49,7 @@ def test_orbax_round_trip_in_a_fresh_process(tmp_path):
 
     for _ in range(3):
         variables = train_step(variables, x)
-    assert int(variables["batch_stats"]["BatchNorm_0"]["count"]) == 3
+    assert variables["batch_stats"]["BatchNorm_0"]["count"] == 3
 
     path = tmp_path / "ckpt"
     checkpointer = ocp.StandardCheckpointer()

@@ -22,7 +22,11 @@ eqx = pytest.importorskip("equinox", reason="equinox is not installed")
 
 import jaxbn.equinox  # noqa: E402
 
-TOL = {"rtol": 1e-5, "atol": 1e-5}
+
+def _close(actual, desired, rtol: float = 1e-5, atol: float = 1e-5) -> None:
+    np.testing.assert_allclose(
+        np.asarray(actual), np.asarray(desired), rtol=rtol, atol=atol
+    )
 
 
 def _x(seed: int, *shape: int) -> jax.Array:
@@ -43,10 +47,15 @@ def _pair(c, **kwargs):
     ours = eqx.nn.make_with_state(jaxbn.equinox.BatchNorm)(
         c, "batch", warmup=False, **kwargs
     )
-    theirs = eqx.nn.make_with_state(eqx.nn.BatchNorm)(c, "batch", mode="batch", **kwargs)
+    theirs = eqx.nn.make_with_state(eqx.nn.BatchNorm)(
+        c, "batch", mode="batch", **kwargs
+    )
     w, b = _x(1, c), _x(2, c)
     set_affine = functools.partial(eqx.tree_at, lambda m: (m.weight, m.bias))
-    return (set_affine(ours[0], (w, b)), ours[1]), (set_affine(theirs[0], (w, b)), theirs[1])
+    return (set_affine(ours[0], (w, b)), ours[1]), (
+        set_affine(theirs[0], (w, b)),
+        theirs[1],
+    )
 
 
 def test_parity_with_equinox_training_and_running_averages():
@@ -55,11 +64,11 @@ def test_parity_with_equinox_training_and_running_averages():
         x = _x(10 + step, 6, 3, 4, 5)  # 6 examples of shape (C, H, W)
         y_ours, s_ours = _per_example(ours, s_ours, x)
         y_theirs, s_theirs = _per_example(theirs, s_theirs, x)
-        np.testing.assert_allclose(y_ours, y_theirs, **TOL)
+        _close(y_ours, y_theirs)
     stats = s_ours.get(ours.state_index)
     mean, var = s_theirs.get(theirs.batch_state_index)
-    np.testing.assert_allclose(stats["mean"], mean, **TOL)
-    np.testing.assert_allclose(stats["var"], var, **TOL)
+    _close(stats["mean"], mean)
+    _close(stats["var"], var)
     assert int(stats["count"]) == int(s_theirs.get(theirs.batch_counter)) == 4
 
 
@@ -78,15 +87,15 @@ def test_parity_with_equinox_gradients():
             model, state, x
         )
 
-    (g_ours, gx_ours), (g_theirs, gx_theirs) = grads(ours, s_ours, x), grads(
-        theirs, s_theirs, x
+    (g_ours, gx_ours), (g_theirs, gx_theirs) = (
+        grads(ours, s_ours, x),
+        grads(theirs, s_theirs, x),
     )
     # Gradients of a sum of 32 squared errors of order 10: 1e-5 of relative
     # float32 rounding, plus an absolute term for entries that nearly cancel.
-    tol = {"rtol": 1e-5, "atol": 1e-4}
-    np.testing.assert_allclose(g_ours.weight, g_theirs.weight, **tol)
-    np.testing.assert_allclose(g_ours.bias, g_theirs.bias, **tol)
-    np.testing.assert_allclose(gx_ours, gx_theirs, **tol)
+    _close(g_ours.weight, g_theirs.weight, atol=1e-4)
+    _close(g_ours.bias, g_theirs.bias, atol=1e-4)
+    _close(gx_ours, gx_theirs, atol=1e-4)
 
 
 def test_plain_batch_needs_no_vmap_and_matches_per_example():
@@ -96,10 +105,10 @@ def test_plain_batch_needs_no_vmap_and_matches_per_example():
     x = _x(5, 6, c, 4, 4)
     y, state = _per_example(per_example, state, x)
     y_b, state_b = batched(x, state_b)
-    np.testing.assert_allclose(y_b, y, **TOL)
+    _close(y_b, y)
     a, b = state.get(per_example.state_index), state_b.get(batched.state_index)
-    np.testing.assert_allclose(a["mean"], b["mean"], **TOL)
-    np.testing.assert_allclose(a["var"], b["var"], **TOL)
+    _close(a["mean"], b["mean"])
+    _close(a["var"], b["var"])
 
 
 def test_statistics_and_warmup_against_numpy():
@@ -109,11 +118,11 @@ def test_statistics_and_warmup_against_numpy():
     x64 = np.asarray(x, np.float64)
     mean, var = x64.mean(axis=(0, 2)), x64.var(axis=(0, 2))
     want = (x64 - mean[:, None]) / np.sqrt(var[:, None] + 1e-5)
-    np.testing.assert_allclose(y, want, **TOL)
+    _close(y, want)
     stats = state.get(bn.state_index)
     # Warm-up: the first update has decay 1/10, not 0.99.
-    np.testing.assert_allclose(stats["mean"], 0.9 * mean, **TOL)
-    np.testing.assert_allclose(stats["var"], 0.1 + 0.9 * var, **TOL)
+    _close(stats["mean"], 0.9 * mean)
+    _close(stats["var"], 0.1 + 0.9 * var)
     assert int(stats["count"]) == 1
 
 
@@ -130,9 +139,9 @@ def test_inference_mode_call_override_and_sequential():
     assert same is state
     mean, var = (np.asarray(state.get(bn.state_index)[k]) for k in ("mean", "var"))
     want = (np.tanh(np.asarray(x)) - mean) / np.sqrt(var + 1e-5)
-    np.testing.assert_allclose(y, want, **TOL)
+    _close(y, want)
     y2, _ = bn(jnp.tanh(x), state, inference=True)
-    np.testing.assert_allclose(y2, y, **TOL)
+    _close(y2, y)
     _, trained = frozen[1](jnp.tanh(x), state, inference=False)
     assert int(trained.get(bn.state_index)["count"]) == int(before["count"]) + 1
 
@@ -187,7 +196,9 @@ def test_errors():
     bn, state = eqx.nn.make_with_state(jaxbn.equinox.BatchNorm)(3)
     with pytest.raises(ValueError, match="has no batch axis"):
         bn(jnp.ones(3), state)
-    with pytest.raises(ValueError, match=r"\(batch, input_size, \.\.\.\) with input_size=3"):
+    with pytest.raises(
+        ValueError, match=r"\(batch, input_size, \.\.\.\) with input_size=3"
+    ):
         bn(jnp.ones((4, 5)), state)
     with pytest.raises(ValueError, match="at least 2"):
         bn(jnp.ones((1, 3)), state)
