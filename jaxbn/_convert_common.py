@@ -136,7 +136,9 @@ def split_jaxbn(
     """Jaxbn's ``(params, batch_stats)`` as NumPy ``(scale, bias, mean, var, count)``.
 
     Raises:
-      ValueError: for a missing statistic, an unknown key, or mismatched shapes.
+      TypeError: if params or batch_stats is not a dict.
+      ValueError: for a missing statistic, an unknown key, mismatched shapes, or
+        a count that is not an integer scalar.
     """
     if not isinstance(params, Mapping) or not isinstance(batch_stats, Mapping):
         raise TypeError(

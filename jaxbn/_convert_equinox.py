@@ -43,13 +43,13 @@ def from_equinox(
     with: in ``mode="batch"`` its running averages divided by ``1 - momentum **
     counter`` (its zero-debiasing), in ``mode="ema"`` its averages as stored.
     ``count`` is set to ``count`` (default ``CONVERGED_COUNT``, ``2**30``: the
-    statistics are taken as converged), except that a layer never trained
-    (``counter == 0``, or ``"ema"``'s first-time flag still set) gives jaxbn's
-    initial statistics ``(0, 1)`` with ``count = 0`` in ``"ema"`` mode (whose
-    buffers are then uninitialised) and its stored ones with ``count = 0`` in
-    ``"batch"`` mode. A ``jaxbn.equinox.BatchNorm`` gives its statistics and
-    count as they are. Build the jaxbn layer with ``axis=0`` per example under
-    ``vmap`` (or ``axis=1`` for a batch), Equinox's ``momentum`` and ``eps``.
+    statistics are taken as converged). A layer never trained gets ``count =
+    0``: in ``mode="batch"`` (``counter == 0``) with its stored averages
+    (initially 0 and 1), in ``mode="ema"`` (first-time flag set) with jaxbn's
+    initial ``(0, 1)``, since Equinox's buffers are then uninitialised. A
+    ``jaxbn.equinox.BatchNorm`` gives its statistics and ``count`` as they are.
+    Build the jaxbn layer with ``axis=0`` per example under ``vmap`` (``axis=1``
+    for a batch), Equinox's ``momentum`` and ``eps``.
 
     Args:
       module: an ``equinox.nn.BatchNorm`` or ``jaxbn.equinox.BatchNorm``.

@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import functools
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +33,7 @@ def _close(actual, desired, rtol: float = 1e-5, atol: float = 1e-5) -> None:
 
 
 CONVERGED = interop.CONVERGED_COUNT
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _rand(seed: int, *shape: int, loc: float = 0.5, scale: float = 2.0) -> np.ndarray:
@@ -555,3 +559,21 @@ def test_flax_errors():
         interop.from_flax({"params": params})
     with pytest.raises(TypeError, match="neither the variables dict"):
         interop.from_flax(3)
+
+
+def test_interop_imports_no_other_framework():
+    code = (
+        "import sys, jaxbn.interop; "
+        "print(sorted(m for m in ('torch', 'keras', 'haiku', 'equinox', "
+        "'orbax') if m in sys.modules))"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip() == "[]"
