@@ -24,11 +24,11 @@ def as_numpy(value: Any, name: str) -> np.ndarray:
     """``value`` as a NumPy array, from NumPy, JAX, PyTorch, Keras or Flax NNX.
 
     A PyTorch tensor goes through ``.detach().cpu()`` (bfloat16 through
-    float32, which NumPy lacks); a Flax NNX variable through ``get_value()``;
-    a Keras variable through ``.value``;
-    anything else through ``np.array``. The result is always a copy: JAX on CPU
-    may alias a NumPy buffer, and PyTorch updates its running statistics in
-    place, so a view would change under the converted variables.
+    float32, which NumPy lacks); a Flax NNX variable through ``get_value()``; a
+    Keras variable through ``.value``; anything else through ``np.array``. The
+    result is always a copy: JAX on CPU may alias a NumPy buffer, and PyTorch
+    updates its running statistics in place, so a view would change under the
+    converted variables.
 
     Raises:
       TypeError: if ``value`` is None or not array-like.
@@ -133,7 +133,7 @@ def jaxbn_variables(
 def split_jaxbn(
     params: Mapping[str, Any], batch_stats: Mapping[str, Any]
 ) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray, np.ndarray, int]:
-    """Jaxbn's ``(params, batch_stats)`` as NumPy ``(scale, bias, mean, var, count)``.
+    """Splits jaxbn's variables into NumPy ``(scale, bias, mean, var, count)``.
 
     Raises:
       TypeError: if params or batch_stats is not a dict.

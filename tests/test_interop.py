@@ -481,6 +481,22 @@ def test_equinox_untrained_and_ema_mode():
     _close(y, y_eqx)
 
 
+def test_equinox_round_trips_are_exact():
+    eqx = _eqx()
+    import jaxbn.equinox
+
+    params, stats = _random_variables(3)
+    for cls, kwargs in (
+        (eqx.nn.BatchNorm, {"mode": "batch"}),
+        (jaxbn.equinox.BatchNorm, {}),
+    ):
+        bn, state = eqx.nn.make_with_state(cls)(3, "b", **kwargs)
+        bn, state = interop.to_equinox(params, stats, bn, state)
+        # Equinox's counter is 2**30, so its debiasing divides by exactly 1;
+        # jaxbn's own layer keeps count 17.
+        _assert_same(interop.from_equinox(bn, state, count=17), (params, stats))
+
+
 def test_equinox_errors():
     eqx = _eqx()
     bn, state = eqx.nn.make_with_state(eqx.nn.BatchNorm)(
