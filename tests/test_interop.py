@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import jaxbn
 from jaxbn import interop
@@ -60,6 +62,44 @@ def _assert_same(a, b) -> None:
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         assert np.asarray(x).dtype == np.asarray(y).dtype
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    c=st.integers(1, 5),
+    dtype=st.sampled_from([jnp.float32, jnp.bfloat16, jnp.float16]),
+    affine=st.sampled_from(["both", "scale", "bias", "none"]),
+    count=st.integers(0, 2**31 - 2),
+    seed=st.integers(0, 99),
+)
+def test_array_round_trips_are_exact(c, dtype, affine, count, seed):
+    """to_X then from_X gives jaxbn's variables back, bit for bit, for the
+    converters that need no framework object (PyTorch and Keras where their
+    layouts can hold the affine parameters given, Flax linen, Haiku)."""
+    params, stats = _random_variables(c, seed=seed, count=count)
+    params = {k: v.astype(dtype) for k, v in params.items()}
+    if affine in ("scale", "none"):
+        del params["bias"]
+    if affine in ("bias", "none"):
+        del params["scale"]
+    want = (params, stats)
+    _assert_same(interop.from_flax(interop.to_flax(*want), count=count), want)
+    # Haiku: keepdims shapes, params in the input's dtype.
+    own = {}
+    if "scale" in params:
+        own["scale"] = np.ones((1, c), dtype)
+    if "bias" in params:
+        own["offset"] = np.zeros((1, c), dtype)
+    ema = {"counter": np.int32(0), "hidden": np.zeros((1, c), np.float32)}
+    hk_state = {
+        f"m/bn/~/{k}": {**ema, "average": np.zeros((1, c), np.float32)}
+        for k in ("mean_ema", "var_ema")
+    }
+    hk = interop.to_haiku(*want, {"m/bn": own} if own else {}, hk_state)
+    _assert_same(interop.from_haiku(*hk, count=count), want)
+    if affine in ("both", "none"):
+        _assert_same(interop.from_torch(interop.to_torch(*want), count=count), want)
+        _assert_same(interop.from_keras(interop.to_keras(*want), count=count), want)
 
 
 # --------------------------------------------------------------------- PyTorch
