@@ -12,9 +12,15 @@ from __future__ import annotations
 from collections.abc import Hashable, Sequence
 from typing import Any
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
+
+try:
+    import equinox as eqx
+except ImportError as e:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "jaxbn.equinox needs equinox: pip install equinox (or jaxbn[interop])."
+    ) from e
 
 from . import _flax_compat as compat
 from . import _validation as v
