@@ -9,6 +9,8 @@ and ``jaxbn.nnx``.
 from ._describe import StatsReport as StatsReport
 from ._describe import describe as describe
 from ._describe import reset_stats as reset_stats
+from ._fold import fold as fold
+from ._fold import fold_kernel as fold_kernel
 from ._layer import ApplyFn as ApplyFn
 from ._layer import BatchStats as BatchStats
 from ._layer import InitFn as InitFn
@@ -34,6 +36,8 @@ __all__ = [
     "batch_norm",
     "decay",
     "describe",
+    "fold",
+    "fold_kernel",
     "recalibrate",
     "reset_stats",
 ]
