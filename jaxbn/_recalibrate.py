@@ -173,7 +173,9 @@ def recalibrate(
         * a ``flax.linen`` module: ``variables`` are its variables, and each
           step calls ``model.apply(variables, x, **apply_kwargs)``, where the
           keyword arguments must put the batch norms in training mode (e.g.
-          ``train=True``). Its ``jaxbn.linen.BatchNorm`` layers are measured.
+          ``train=True``). Its ``jaxbn.linen.BatchNorm`` layers are measured
+          (they ``sow`` their moments in a ``"batch_moments"`` collection: under
+          ``nn.scan`` or ``nn.vmap``, map it like ``"batch_stats"``).
         * a ``flax.nnx`` module: updated in place; each step calls
           ``model(x, **apply_kwargs)`` on a copy whose ``jaxbn.nnx.BatchNorm``
           layers are put in training mode (other layers keep their mode).
@@ -305,8 +307,11 @@ def _linen_moments(model: Any, kwargs: dict[str, Any]) -> Callable:
             found[path_name(p)] = list(layer)
         if not found:
             raise ValueError(
-                "no jaxbn.linen.BatchNorm ran in the model's forward pass; "
-                "recalibrate measures only jaxbn's batch norms."
+                "no jaxbn.linen.BatchNorm reported its batch moments in the model's "
+                "forward pass: recalibrate measures only jaxbn's batch norms, and "
+                "inside nn.scan or nn.vmap their 'batch_moments' collection must be "
+                "mapped like 'batch_stats' (e.g. variable_axes={..., "
+                "'batch_moments': 0})."
             )
         return found, variables
 

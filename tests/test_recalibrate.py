@@ -349,3 +349,55 @@ def test_mnist_recalibration_beats_stale_moving_averages():
         convs.append(np.asarray(state_b["intermediates"]["Conv_0"]["__call__"][0]))
     assert_stats(new["batch_stats"]["BatchNorm_0"], *pooled(convs))
     assert new["params"] is variables["params"]
+
+
+class ScanBlock(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+        x = nn.relu(nn.Dense(3)(x))
+        return jaxbn.linen.BatchNorm(use_running_average=False)(x), None
+
+
+def scanned(moments_axis: bool):
+    axes = {"params": 0, "batch_stats": 0}
+    if moments_axis:
+        axes["batch_moments"] = 0
+    return nn.scan(ScanBlock, variable_axes=axes, split_rngs={"params": True}, length=2)
+
+
+class ScanNet(nn.Module):
+    moments_axis: bool = True
+
+    @nn.compact
+    def __call__(self, x):
+        return scanned(self.moments_axis)(name="scan")(x, None)[0]
+
+
+class Unrolled(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        for i in range(2):
+            x = ScanBlock(name=f"block{i}")(x, None)[0]
+        return x
+
+
+def test_linen_scan_equals_unrolled_layers():
+    batches = batches_of([6, 9], features=3, seed=3)
+    model = ScanNet()
+    variables = model.init(jax.random.key(0), batches[0])
+    new = jaxbn.recalibrate(model, batches, variables)
+    unrolled_vars = {
+        c: {f"block{i}": jax.tree.map(lambda a, i=i: a[i], variables[c]["scan"])
+            for i in range(2)}
+        for c in ("params", "batch_stats")
+    }  # fmt: skip
+    expected = jaxbn.recalibrate(Unrolled(), batches, unrolled_vars)
+    for i in range(2):
+        stacked = new["batch_stats"]["scan"]["BatchNorm_0"]
+        got = jax.tree.map(lambda a, i=i: a[i], stacked)
+        want = expected["batch_stats"][f"block{i}"]["BatchNorm_0"]
+        assert np.all(np.asarray(want["var"]) != 1.0)  # not the initial statistics
+        np.testing.assert_allclose(got["mean"], want["mean"], rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(got["var"], want["var"], rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="'batch_moments': 0"):
+        jaxbn.recalibrate(ScanNet(moments_axis=False), batches, variables)
