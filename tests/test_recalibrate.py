@@ -359,7 +359,7 @@ class ScanBlock(nn.Module):
 
 
 def scanned(moments_axis: bool):
-    axes = {"params": 0, "batch_stats": 0}
+    axes: dict[Any, Any] = {"params": 0, "batch_stats": 0}
     if moments_axis:
         axes["batch_moments"] = 0
     return nn.scan(ScanBlock, variable_axes=axes, split_rngs={"params": True}, length=2)
