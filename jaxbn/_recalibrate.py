@@ -334,17 +334,24 @@ def _recalibrate_nnx(
     from . import nnx as jaxbn_nnx
 
     class _Recording(jaxbn_nnx.BatchNorm):
-        """A copy's batch norm: training mode, recording its input's moments."""
+        """A copy's batch norm: training mode, merging its input's moments.
 
-        _jaxbn_key: str = ""
+        The moments go to Variables of the layer (not to Python state), so
+        that nnx transforms inside the model (``nnx.remat``, ...) carry them out.
+        """
+
+        _jaxbn_n: Any
+        _jaxbn_mean: Any
+        _jaxbn_m2: Any
 
         def __call__(
             self, x: Any, use_running_average: Any = None, *, mask: Any = None
         ) -> Any:
             del use_running_average  # always training
-            recorded.setdefault(self._jaxbn_key, []).append(
-                _moments_of_input(self, x, mask)
-            )
+            old = (self._jaxbn_n[...], self._jaxbn_mean[...], self._jaxbn_m2[...])
+            m = _moments_of_input(self, x, mask)
+            new = _merge(old, m, tuple(self.mean.shape))
+            self._jaxbn_n[...], self._jaxbn_mean[...], self._jaxbn_m2[...] = new
             return super().__call__(x, False, mask=mask)
 
     layers = [
@@ -356,23 +363,30 @@ def _recalibrate_nnx(
         raise ValueError("the nnx model has no jaxbn.nnx.BatchNorm to recalibrate.")
     shapes = {k: tuple(m.mean.shape) for k, m in layers}
     graphdef, state = nnx.split(model)
-    recorded: dict[str, list[Moments]] = {}
 
     def fn(state: Any, x: Any) -> tuple[dict[str, list[Moments]], Any]:
         copy = nnx.merge(graphdef, state)
+        recording = []
         for p, m in nnx_norm_layers(copy):
             if isinstance(m, jaxbn_nnx.BatchNorm):
+                zeros = jnp.zeros(m.mean.shape, jnp.float32)
                 m.__class__ = _Recording
-                m._jaxbn_key = path_name(p)  # pyright: ignore[reportAttributeAccessIssue]
-        recorded.clear()
+                m._jaxbn_n = nnx.Intermediate(zeros)  # pyright: ignore
+                m._jaxbn_mean = nnx.Intermediate(zeros)  # pyright: ignore
+                m._jaxbn_m2 = nnx.Intermediate(zeros)  # pyright: ignore
+                recording.append((path_name(p), m))
         copy(x, **kwargs)
-        found = dict(recorded)
-        recorded.clear()
-        if not found:
-            raise ValueError("no jaxbn.nnx.BatchNorm ran in the model's forward pass.")
+        found = {}
+        for key, m in recording:
+            n, mean, m2 = m._jaxbn_n[...], m._jaxbn_mean[...], m._jaxbn_m2[...]
+            found[key] = [Moments(n, mean, m2 / jnp.maximum(n, 1.0))]
+            del m._jaxbn_n, m._jaxbn_mean, m._jaxbn_m2
+            m.__class__ = jaxbn_nnx.BatchNorm
         return found, nnx.state(copy)
 
     acc, state, _ = _run(fn, state, shapes, batches, num_batches, progress)
+    if not any(bool(jnp.any(acc[key][0] > 0)) for key, _ in layers):
+        raise ValueError("no jaxbn.nnx.BatchNorm ran in the model's forward pass.")
     for key, m in layers:
         new = _finish(acc, {"mean": m.mean[...], "var": m.var[...]}, key)
         m.mean[...], m.var[...] = new["mean"], new["var"]

@@ -401,3 +401,28 @@ def test_linen_scan_equals_unrolled_layers():
         np.testing.assert_allclose(got["var"], want["var"], rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="'batch_moments': 0"):
         jaxbn.recalibrate(ScanNet(moments_axis=False), batches, variables)
+
+
+class RematNnx(nnx.Module):
+    def __init__(self):
+        self.dense = nnx.Linear(5, 3, rngs=nnx.Rngs(0))
+        self.bn = jaxbn.nnx.BatchNorm(3, rngs=nnx.Rngs(0))
+
+    def __call__(self, x):
+        @nnx.remat
+        def block(m, x):
+            return m.bn(m.dense(x))
+
+        return block(self, x)
+
+
+def test_nnx_batch_norm_inside_remat():
+    model = RematNnx()
+    batches = batches_of([6, 4], features=5, seed=4)
+    jaxbn.recalibrate(model, batches)
+    kernel = np.asarray(model.dense.kernel[...], np.float64)
+    assert model.dense.bias is not None
+    bias = np.asarray(model.dense.bias[...], np.float64)
+    inputs = [b.astype(np.float64) @ kernel + bias for b in batches]
+    stats = {"mean": model.bn.mean[...], "var": model.bn.var[...]}
+    assert_stats(stats, *pooled(inputs))
