@@ -426,3 +426,24 @@ def test_nnx_batch_norm_inside_remat():
     inputs = [b.astype(np.float64) @ kernel + bias for b in batches]
     stats = {"mean": model.bn.mean[...], "var": model.bn.var[...]}
     assert_stats(stats, *pooled(inputs))
+
+
+class CountedNnx(nnx.Module):
+    def __init__(self, use_bn: bool):
+        self.bn = jaxbn.nnx.BatchNorm(5, rngs=nnx.Rngs(0))
+        self.use_bn = use_bn
+
+    def __call__(self, x):
+        type(self).calls.append(1)
+        return self.bn(x) if self.use_bn else x
+
+    calls: list = []  # noqa: RUF012
+
+
+def test_nnx_compiled_once_and_unused_batch_norm_refused():
+    CountedNnx.calls.clear()
+    batch = batches_of([4], features=5)[0]
+    jaxbn.recalibrate(CountedNnx(True), [batch] * 4)
+    assert len(CountedNnx.calls) == 1
+    with pytest.raises(ValueError, match="no jaxbn.nnx.BatchNorm ran"):
+        jaxbn.recalibrate(CountedNnx(False), [batch])
