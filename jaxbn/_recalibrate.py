@@ -173,12 +173,16 @@ def recalibrate(
         * a ``flax.linen`` module: ``variables`` are its variables, and each
           step calls ``model.apply(variables, x, **apply_kwargs)``, where the
           keyword arguments must put the batch norms in training mode (e.g.
-          ``train=True``). Its ``jaxbn.linen.BatchNorm`` layers are measured
-          (they ``sow`` their moments in a ``"batch_moments"`` collection: under
-          ``nn.scan`` or ``nn.vmap``, map it like ``"batch_stats"``).
+          ``train=True``). Its ``jaxbn.linen.BatchNorm`` and
+          ``flax.linen.BatchNorm`` layers are measured (an interceptor makes
+          them ``sow`` their input's moments in a ``"batch_moments"``
+          collection: under ``nn.scan`` or ``nn.vmap``, map it like
+          ``"batch_stats"``).
         * a ``flax.nnx`` module: updated in place; each step calls
           ``model(x, **apply_kwargs)`` on a copy whose ``jaxbn.nnx.BatchNorm``
-          layers are put in training mode (other layers keep their mode).
+          and ``flax.nnx.BatchNorm`` layers run in training mode (other
+          layers keep their mode: call ``model.eval()`` first to turn dropout
+          off).
         * for the functional core, a function ``forward(x)`` that runs the
           model in training mode and returns, for each layer, the
           :func:`jaxbn.batch_moments` of its input, in a tree shaped like
@@ -281,7 +285,7 @@ def _linen_moments(model: Any, kwargs: dict[str, Any]) -> Callable:
     def record(next_fun: Callable, args: tuple, kw: dict, context: Any) -> Any:
         module = context.module
         if context.method_name != "__call__" or not isinstance(
-            module, jaxbn_linen.BatchNorm
+            module, jaxbn_linen.BatchNorm | nn.BatchNorm
         ):
             return next_fun(*args, **kw)
         mode = args[1] if len(args) > 1 else kw.get("use_running_average")
@@ -307,11 +311,10 @@ def _linen_moments(model: Any, kwargs: dict[str, Any]) -> Callable:
             found[path_name(p)] = list(layer)
         if not found:
             raise ValueError(
-                "no jaxbn.linen.BatchNorm reported its batch moments in the model's "
-                "forward pass: recalibrate measures only jaxbn's batch norms, and "
-                "inside nn.scan or nn.vmap their 'batch_moments' collection must be "
-                "mapped like 'batch_stats' (e.g. variable_axes={..., "
-                "'batch_moments': 0})."
+                "no BatchNorm (jaxbn's or Flax's) reported its batch moments in the "
+                "model's forward pass; inside nn.scan or nn.vmap, map their "
+                "'batch_moments' collection like 'batch_stats' (e.g. "
+                "variable_axes={..., 'batch_moments': 0})."
             )
         return found, variables
 
@@ -326,6 +329,26 @@ def _sown(tree: Any, path: Path = ()) -> list[tuple[Path, tuple]]:
     return []
 
 
+def _recording(cls: type) -> type:
+    """A subclass of a batch-norm class that trains and merges its input's moments.
+
+    The moments go to Variables of the layer (not to Python state), so that nnx
+    transforms inside the model (``nnx.remat``, ...) carry them out.
+    """
+
+    def __call__(
+        self: Any, x: Any, use_running_average: Any = None, *, mask: Any = None
+    ) -> Any:
+        del use_running_average  # always training
+        old = (self._jaxbn_n[...], self._jaxbn_mean[...], self._jaxbn_m2[...])
+        m = _moments_of_input(self, x, mask)
+        new = _merge(old, m, tuple(self.mean.shape))
+        self._jaxbn_n[...], self._jaxbn_mean[...], self._jaxbn_m2[...] = new
+        return cls.__call__(self, x, False, mask=mask)
+
+    return type(f"Recording{cls.__name__}", (cls,), {"__call__": __call__})
+
+
 def _recalibrate_nnx(
     model: Any, batches: Any, num_batches: Any, progress: bool, kwargs: dict
 ) -> None:
@@ -333,60 +356,40 @@ def _recalibrate_nnx(
 
     from . import nnx as jaxbn_nnx
 
-    class _Recording(jaxbn_nnx.BatchNorm):
-        """A copy's batch norm: training mode, merging its input's moments.
-
-        The moments go to Variables of the layer (not to Python state), so
-        that nnx transforms inside the model (``nnx.remat``, ...) carry them out.
-        """
-
-        _jaxbn_n: Any
-        _jaxbn_mean: Any
-        _jaxbn_m2: Any
-
-        def __call__(
-            self, x: Any, use_running_average: Any = None, *, mask: Any = None
-        ) -> Any:
-            del use_running_average  # always training
-            old = (self._jaxbn_n[...], self._jaxbn_mean[...], self._jaxbn_m2[...])
-            m = _moments_of_input(self, x, mask)
-            new = _merge(old, m, tuple(self.mean.shape))
-            self._jaxbn_n[...], self._jaxbn_mean[...], self._jaxbn_m2[...] = new
-            return super().__call__(x, False, mask=mask)
-
-    layers = [
-        (path_name(p), m)
-        for p, m in nnx_norm_layers(model)
-        if isinstance(m, jaxbn_nnx.BatchNorm)
-    ]
+    norms = (jaxbn_nnx.BatchNorm, nnx.BatchNorm)
+    found = nnx_norm_layers(model)
+    layers = [(path_name(p), m) for p, m in found if isinstance(m, norms)]
     if not layers:
-        raise ValueError("the nnx model has no jaxbn.nnx.BatchNorm to recalibrate.")
+        raise ValueError(
+            "the nnx model has no jaxbn.nnx.BatchNorm or nnx.BatchNorm to recalibrate."
+        )
     shapes = {k: tuple(m.mean.shape) for k, m in layers}
+    recording = {type(m): _recording(type(m)) for _, m in layers}
     graphdef, state = nnx.split(model)
 
     def fn(state: Any, x: Any) -> tuple[dict[str, list[Moments]], Any]:
         copy = nnx.merge(graphdef, state)
-        recording = []
+        swapped = []
         for p, m in nnx_norm_layers(copy):
-            if isinstance(m, jaxbn_nnx.BatchNorm):
+            if type(m) in recording:
                 zeros = jnp.zeros(m.mean.shape, jnp.float32)
-                m.__class__ = _Recording
-                m._jaxbn_n = nnx.Intermediate(zeros)  # pyright: ignore
-                m._jaxbn_mean = nnx.Intermediate(zeros)  # pyright: ignore
-                m._jaxbn_m2 = nnx.Intermediate(zeros)  # pyright: ignore
-                recording.append((path_name(p), m))
+                swapped.append((path_name(p), m, type(m)))
+                m.__class__ = recording[type(m)]
+                m._jaxbn_n = nnx.Intermediate(zeros)
+                m._jaxbn_mean = nnx.Intermediate(zeros)
+                m._jaxbn_m2 = nnx.Intermediate(zeros)
         copy(x, **kwargs)
         found = {}
-        for key, m in recording:
+        for key, m, cls in swapped:
             n, mean, m2 = m._jaxbn_n[...], m._jaxbn_mean[...], m._jaxbn_m2[...]
             found[key] = [Moments(n, mean, m2 / jnp.maximum(n, 1.0))]
             del m._jaxbn_n, m._jaxbn_mean, m._jaxbn_m2
-            m.__class__ = jaxbn_nnx.BatchNorm
+            m.__class__ = cls
         return found, nnx.state(copy)
 
     acc, state, _ = _run(fn, state, shapes, batches, num_batches, progress)
     if not any(bool(jnp.any(acc[key][0] > 0)) for key, _ in layers):
-        raise ValueError("no jaxbn.nnx.BatchNorm ran in the model's forward pass.")
+        raise ValueError("no batch norm ran in the nnx model's forward pass.")
     for key, m in layers:
         new = _finish(acc, {"mean": m.mean[...], "var": m.var[...]}, key)
         m.mean[...], m.var[...] = new["mean"], new["var"]

@@ -294,7 +294,7 @@ def test_nnx_matches_numpy_in_place():
 
 
 def test_nnx_without_batch_norm_is_refused():
-    with pytest.raises(ValueError, match="no jaxbn.nnx.BatchNorm"):
+    with pytest.raises(ValueError, match="no jaxbn.nnx.BatchNorm or nnx.BatchNorm"):
         jaxbn.recalibrate(
             nnx.Linear(2, 2, rngs=nnx.Rngs(0)), batches_of([4], features=2)
         )
@@ -445,5 +445,44 @@ def test_nnx_compiled_once_and_unused_batch_norm_refused():
     batch = batches_of([4], features=5)[0]
     jaxbn.recalibrate(CountedNnx(True), [batch] * 4)
     assert len(CountedNnx.calls) == 1
-    with pytest.raises(ValueError, match="no jaxbn.nnx.BatchNorm ran"):
+    with pytest.raises(ValueError, match="no batch norm ran"):
         jaxbn.recalibrate(CountedNnx(False), [batch])
+
+
+class FlaxNet(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool):
+        h = nn.Dense(4, name="dense")(x)
+        return nn.BatchNorm(use_running_average=not train, name="bn")(h)
+
+
+def test_flax_linen_batch_norm_too():
+    batches = batches_of([8, 5], features=5, seed=6)
+    model = FlaxNet()
+    variables = model.init(jax.random.key(0), batches[0], train=False)
+    new = jaxbn.recalibrate(model, batches, variables, train=True)
+    p = variables["params"]["dense"]
+    inputs = [b @ np.asarray(p["kernel"]) + np.asarray(p["bias"]) for b in batches]
+    assert_stats(new["batch_stats"]["bn"], *pooled(inputs))
+    assert set(new["batch_stats"]["bn"]) == {"mean", "var"}
+
+
+def test_flax_nnx_batch_norm_too():
+    class Net(nnx.Module):
+        def __init__(self):
+            self.dense = nnx.Linear(5, 4, rngs=nnx.Rngs(0))
+            self.bn = nnx.BatchNorm(4, use_running_average=True, rngs=nnx.Rngs(0))
+
+        def __call__(self, x):
+            return self.bn(self.dense(x))
+
+    model = Net()
+    batches = batches_of([8, 5], features=5, seed=7)
+    jaxbn.recalibrate(model, batches)
+    assert type(model.bn) is nnx.BatchNorm
+    kernel = np.asarray(model.dense.kernel[...], np.float64)
+    assert model.dense.bias is not None
+    inputs = [b @ kernel + np.asarray(model.dense.bias[...]) for b in batches]
+    assert_stats(
+        {"mean": model.bn.mean[...], "var": model.bn.var[...]}, *pooled(inputs)
+    )
