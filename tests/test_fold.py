@@ -255,3 +255,37 @@ def test_errors():
         jaxbn.fold(nnx_model, [(nnx_model.bn, nnx_model.bn)])
     with pytest.raises(ValueError, match="not a batch norm"):
         jaxbn.fold(nnx_model, [(nnx_model.layers[0], nnx_model.layers[0])])
+
+
+def test_flax_batch_norms_fold_too():
+    rng = np.random.default_rng(8)
+    bn = random_bn(rng, 6)
+    x = jax.random.normal(jax.random.key(3), (2, 7, 7, 4))
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            h = nn.Conv(6, (3, 3), use_bias=False, name="conv")(x)
+            return nn.BatchNorm(use_running_average=True, name="bn")(h)
+
+    variables: Any = Net().init(jax.random.key(0), x)
+    variables["batch_stats"]["bn"].update(mean=bn["mean"], var=bn["var"])
+    variables["params"]["bn"].update(scale=bn["scale"], bias=bn["bias"])
+    folded = jaxbn.fold(variables, [("conv", "bn")])
+    assert_close(Net().apply(folded, x), Net().apply(variables, x))
+
+    class NnxNet(nnx.Module):
+        def __init__(self):
+            self.conv = nnx.Conv(4, 6, (3, 3), use_bias=False, rngs=nnx.Rngs(0))
+            self.bn = nnx.BatchNorm(6, use_running_average=True, rngs=nnx.Rngs(0))
+
+        def __call__(self, x):
+            return self.bn(self.conv(x))
+
+    model = NnxNet()
+    for name, value in bn.items():
+        getattr(model.bn, name)[...] = value
+    expected = model(x)
+    jaxbn.fold(model, [(model.conv, model.bn)])
+    assert_close(model(x), expected)
+    assert_close(model.conv(x), expected)
