@@ -16,10 +16,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from ._describe import (
-    Path,
     is_nnx_module,
     iter_layers,
     nnx_norm_layers,
@@ -27,40 +25,15 @@ from ._describe import (
     replace_layers,
     stats_root,
 )
-from ._statistics import Moments, batch_moments
+from ._record import (
+    core_moments_fn,
+    linen_moments_fn,
+    merge,
+    nnx_moments_fn,
+)
+from ._statistics import Moments
 
 Accumulator = dict[str, tuple[jax.Array, jax.Array, jax.Array]]  # count, mean, M2
-
-
-def _merge(acc: tuple, m: Moments, shape: tuple[int, ...]) -> tuple:
-    """Adds one batch's moments to (count, mean, M2); skips non-finite ones."""
-    n, mean, m2 = acc
-    nb, mb, vb = (jnp.reshape(a, shape).astype(jnp.float32) for a in m)
-    ok = jnp.all(jnp.isfinite(mb)) & jnp.all(jnp.isfinite(vb))
-    nb = jnp.where(ok, nb, 0.0)
-    mb, vb = jnp.where(ok, mb, 0.0), jnp.where(ok, vb, 0.0)
-    total = n + nb
-    w = nb / jnp.maximum(total, 1.0)
-    delta = mb - mean
-    return total, mean + delta * w, m2 + nb * vb + delta * delta * (n * w)
-
-
-def _feature_axes(axis: Any, ndim: int) -> tuple[int, ...]:
-    raw = (axis,) if isinstance(axis, int) else tuple(axis)
-    return tuple(sorted(a % ndim for a in raw))
-
-
-def _moments_of_input(module: Any, x: Any, mask: Any) -> Moments:
-    """The batch moments of a batch-norm layer's input x (feature shape)."""
-    axes = _feature_axes(module.axis, x.ndim)
-    reduce = tuple(i for i in range(x.ndim) if i not in axes)
-    if mask is not None:
-        mask = jnp.broadcast_to(mask, x.shape)
-    m = batch_moments(
-        x, reduce, mask, module.axis_name, getattr(module, "axis_index_groups", None)
-    )
-    features = tuple(x.shape[a] for a in axes)
-    return Moments(*(a.reshape(features) for a in m))
 
 
 def _run(
@@ -81,7 +54,7 @@ def _run(
             if key not in shapes:
                 raise ValueError(f"batch norm {key!r} has no statistics to update.")
             for m in moments:
-                acc[key] = _merge(acc[key], m, shapes[key])
+                acc[key] = merge(acc[key], m, shapes[key])
         return acc, carry
 
     acc: Accumulator = {}
@@ -236,10 +209,10 @@ def recalibrate(
         )
     shapes = {k: tuple(jnp.shape(layer["mean"])) for k, (_, layer) in layers.items()}
     if linen is not None and isinstance(model, linen.Module):
-        fn = _linen_moments(model, apply_kwargs)
+        fn = linen_moments_fn(model, apply_kwargs)
         carry = variables
     elif callable(model) and not apply_kwargs:
-        fn = _core_moments(model)
+        fn = core_moments_fn(model)
         carry = None
     else:
         raise TypeError(
@@ -252,101 +225,6 @@ def recalibrate(
     if root is variables:
         return replace_layers(variables, new)
     return {**variables, "batch_stats": replace_layers(root, new)}
-
-
-def _flat_moments(tree: Any, path: Path = ()) -> dict[str, list[Moments]]:
-    """{layer path: [Moments, ...]} from a tree with Moments (or tuples of them)."""
-    if isinstance(tree, Moments):
-        return {path_name(path): [tree]}
-    if isinstance(tree, list | tuple) and tree and isinstance(tree[0], Moments):
-        return {path_name(path): list(tree)}
-    out: dict[str, list[Moments]] = {}
-    if isinstance(tree, Mapping):
-        for k, v in tree.items():
-            out.update(_flat_moments(v, (*path, k)))
-    return out
-
-
-def _core_moments(forward: Callable[[Any], Any]) -> Callable:
-    def fn(carry: Any, x: Any) -> tuple[dict[str, list[Moments]], Any]:
-        return _flat_moments(forward(x)), carry
-
-    return fn
-
-
-def _linen_moments(model: Any, kwargs: dict[str, Any]) -> Callable:
-    import flax.linen as nn
-
-    from . import linen as jaxbn_linen
-
-    if "mutable" in kwargs:
-        raise TypeError("recalibrate sets mutable itself; do not pass it.")
-
-    def record(next_fun: Callable, args: tuple, kw: dict, context: Any) -> Any:
-        module = context.module
-        if context.method_name != "__call__" or not isinstance(
-            module, jaxbn_linen.BatchNorm | nn.BatchNorm
-        ):
-            return next_fun(*args, **kw)
-        mode = args[1] if len(args) > 1 else kw.get("use_running_average")
-        mode = module.use_running_average if mode is None else mode
-        if isinstance(mode, bool | np.bool_) and mode:
-            raise ValueError(
-                f"recalibrate runs every batch norm in training mode, but "
-                f"{path_name(module.path)} was called with use_running_average="
-                "True; pass the keyword arguments that select training, e.g. "
-                "recalibrate(model, batches, variables, train=True)."
-            )
-        x = args[0] if args else kw["x"]
-        moments = _moments_of_input(module, x, kw.get("mask"))
-        module.sow("batch_moments", "moments", moments)
-        return next_fun(*args, **kw)
-
-    def fn(variables: Any, x: Any) -> tuple[dict[str, list[Moments]], Any]:
-        with nn.intercept_methods(record):
-            _, out = model.apply(variables, x, mutable=True, **kwargs)
-        sown = out.get("batch_moments", {})
-        found = {}
-        for p, layer in _sown(sown):
-            found[path_name(p)] = list(layer)
-        if not found:
-            raise ValueError(
-                "no BatchNorm (jaxbn's or Flax's) reported its batch moments in the "
-                "model's forward pass; inside nn.scan or nn.vmap, map their "
-                "'batch_moments' collection like 'batch_stats' (e.g. "
-                "variable_axes={..., 'batch_moments': 0})."
-            )
-        return found, variables
-
-    return fn
-
-
-def _sown(tree: Any, path: Path = ()) -> list[tuple[Path, tuple]]:
-    if isinstance(tree, Mapping):
-        if "moments" in tree and isinstance(tree["moments"], tuple):
-            return [(path, tree["moments"])]
-        return [x for k, v in tree.items() for x in _sown(v, (*path, k))]
-    return []
-
-
-def _recording(cls: type) -> type:
-    """A subclass of a batch-norm class that trains and merges its input's moments.
-
-    The moments go to Variables of the layer (not to Python state), so that nnx
-    transforms inside the model (``nnx.remat``, ...) carry them out.
-    """
-
-    def __call__(
-        self: Any, x: Any, use_running_average: Any = None, *, mask: Any = None
-    ) -> Any:
-        del use_running_average  # always training
-        old = (self._jaxbn_n[...], self._jaxbn_mean[...], self._jaxbn_m2[...])
-        m = _moments_of_input(self, x, mask)
-        new = _merge(old, m, tuple(self.mean.shape))
-        self._jaxbn_n[...], self._jaxbn_mean[...], self._jaxbn_m2[...] = new
-        return cls.__call__(self, x, False, mask=mask)
-
-    return type(f"Recording{cls.__name__}", (cls,), {"__call__": __call__})
 
 
 def _recalibrate_nnx(
@@ -364,29 +242,8 @@ def _recalibrate_nnx(
             "the nnx model has no jaxbn.nnx.BatchNorm or nnx.BatchNorm to recalibrate."
         )
     shapes = {k: tuple(m.mean.shape) for k, m in layers}
-    recording = {type(m): _recording(type(m)) for _, m in layers}
     graphdef, state = nnx.split(model)
-
-    def fn(state: Any, x: Any) -> tuple[dict[str, list[Moments]], Any]:
-        copy = nnx.merge(graphdef, state)
-        swapped = []
-        for p, m in nnx_norm_layers(copy):
-            if type(m) in recording:
-                zeros = jnp.zeros(m.mean.shape, jnp.float32)
-                swapped.append((path_name(p), m, type(m)))
-                m.__class__ = recording[type(m)]
-                m._jaxbn_n = nnx.Intermediate(zeros)
-                m._jaxbn_mean = nnx.Intermediate(zeros)
-                m._jaxbn_m2 = nnx.Intermediate(zeros)
-        copy(x, **kwargs)
-        found = {}
-        for key, m, cls in swapped:
-            n, mean, m2 = m._jaxbn_n[...], m._jaxbn_mean[...], m._jaxbn_m2[...]
-            found[key] = [Moments(n, mean, m2 / jnp.maximum(n, 1.0))]
-            del m._jaxbn_n, m._jaxbn_mean, m._jaxbn_m2
-            m.__class__ = cls
-        return found, nnx.state(copy)
-
+    fn = nnx_moments_fn(graphdef, {type(m) for _, m in layers}, kwargs)
     acc, state, _ = _run(fn, state, shapes, batches, num_batches, progress)
     if not any(bool(jnp.any(acc[key][0] > 0)) for key, _ in layers):
         raise ValueError("no batch norm ran in the nnx model's forward pass.")
