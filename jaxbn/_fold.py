@@ -178,16 +178,14 @@ def _fold_tree(
         zero = jnp.zeros(mean.shape, mean.dtype)
         one = jnp.full(mean.shape, identity_var(epsilon), mean.dtype)
         ident = {**bn_stats, "mean": zero, "var": one}
-        ident_params = dict(bn_params)
-        if "scale" in ident_params:
-            ident_params["scale"] = jnp.ones_like(ident_params["scale"])
-        if "bias" in ident_params:
-            old = ident_params["bias"]
-            if offset is None:
-                ident_params["bias"] = jnp.zeros_like(old)
-            else:
-                ident_params["bias"] = offset.reshape(old.shape).astype(old.dtype)
-        elif offset is not None:
+        ident_params = {
+            k: (jnp.ones_like if k == "scale" else jnp.zeros_like)(v)
+            for k, v in bn_params.items()
+        }
+        if offset is not None and "bias" in bn_params:  # y = z + offset
+            old = bn_params["bias"]
+            ident_params["bias"] = offset.reshape(old.shape).astype(old.dtype)
+        elif offset is not None:  # no bias to carry it: (z - (-offset)) * 1
             ident["mean"] = (-offset).reshape(mean.shape).astype(mean.dtype)
         new_stats[bn_path] = ident
         if bn_params:
