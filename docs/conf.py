@@ -66,7 +66,7 @@ nb_render_markdown_format = "myst"  # tables printed by cells (IPython Markdown)
 # --- autodoc -------------------------------------------------------------------
 autosummary_generate = True
 autosummary_imported_members = True
-autodoc_default_options = {"members": True, "show-inheritance": False}
+autodoc_default_options = {"members": True}
 autodoc_member_order = "bysource"
 autodoc_typehints = "description"
 autodoc_typehints_description_target = "documented"
@@ -136,7 +136,7 @@ def api_rst(modules: list[str] | None = None) -> str:
             "",
             summary,
             "",
-            f".. currentmodule:: {modname}",
+            f".. module:: {modname}",
             "",
         ]
         documented, data = [], []
@@ -179,7 +179,10 @@ def setup(app):  # noqa: D103 (Sphinx extension hook)
 # the network), so types from other packages cannot resolve; they are listed here.
 nitpicky = True
 nitpick_ignore_regex = [
-    (r"py:.*", r"(jax|jaxlib|flax|numpy|np|jnp|optax|nn|nnx)(\..*)?"),
+    (
+        r"py:.*",
+        r"(jax|jaxlib|flax|numpy|np|jnp|optax|nn|nnx|equinox|eqx|haiku|hk|torch|keras|orbax|ocp)(\..*)?",
+    ),
     (r"py:.*", r"(typing|collections\.abc|types)\..*"),
     (r"py:class", r"(Any|Array|ArrayLike|Callable|Hashable|Sequence|Mapping)"),
     (r"py:class", r"(Initializer|AxisName|Params|BatchStats)"),
