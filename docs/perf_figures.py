@@ -179,6 +179,30 @@ def plot_roofline(run: dict[str, Any], donated: dict[str, Any]) -> Any:
     return fig
 
 
+def end_to_end_markdown(name: str = "end-to-end") -> str:
+    """The whole-model report of ``benchmarks/results/<name>.json`` (Markdown).
+
+    Headings become bold lines, so the report can sit inside a page section.
+    Says so when the file has not been committed yet.
+    """
+    path = RESULTS / f"{name}.json"
+    if not path.exists():
+        return (
+            f"No whole-model results are committed yet (`{path.relative_to(ROOT)}`); "
+            "the command above writes them."
+        )
+    import sys
+
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.end_to_end_report import render
+
+    lines = render(json.loads(path.read_text())).splitlines()
+    return "\n".join(
+        f"**{line.lstrip('#').strip()}**" if line.startswith("#") else line
+        for line in lines
+    )
+
+
 def png(fig: Any) -> Any:
     """The figure as an ``IPython.display.Image`` (PNG), for an executed page."""
     import io
