@@ -85,7 +85,8 @@ DATA_DOCS = {
     "Params": "Type of ``params``: ``dict[str, jax.Array]`` with ``scale`` and "
     "``bias`` (a key is absent when that parameter is disabled).",
     "BatchStats": "Type of ``batch_stats``: ``dict[str, jax.Array]`` with "
-    "``mean`` and ``var`` (float32, feature shape) and ``count`` (int32 scalar).",
+    "``mean`` and ``var`` (feature shape; float32, or float64 for float64 x) and "
+    "``count`` (int32 scalar).",
     "CONVERGED_COUNT": "The ``count`` given to running statistics trained "
     "without jaxbn (Flax checkpoints): far past any warm-up, so the decay is "
     "``momentum`` as in Flax.",
