@@ -4,7 +4,8 @@ The matrix of issue 10: mesh axis type (Explicit, the default of
 ``jax.make_mesh`` in jax 0.10, and Auto) x with and without ``jax.set_mesh`` x
 inputs placed with ``jax.device_put`` or with ``jax.jit(in_shardings=...)`` x a
 1-D data mesh of 8 and a 2x4 mesh with the features on the "model" axis x the
-core, ``jaxbn.linen`` and ``jaxbn.nnx`` (through ``nnx.jit``) x a training step
+core, ``jaxbn.linen`` and ``jaxbn.nnx`` (through ``nnx.jit``, and through
+``nnx.split`` + ``jax.jit`` of a function that merges) x a training step
 (output, new statistics, and the gradient of a loss with respect to the params
 and x) and an evaluation step. Every cell must give the single-device result
 and must not gather the batch or the features. ``flax.linen.BatchNorm`` runs in
@@ -13,8 +14,8 @@ every cell too, as a control: each cell is a scenario Flax's own layer supports.
 The core before issue 10 sliced the batch's first row as the shift of its
 variance. With Explicit axes, no ``jax.set_mesh`` and ``jax.device_put`` inputs
 that slice of a sharded batch axis raised ``ShardingTypeError: slicing on
-sharded dims ...``: the training cells of that kind (1-D and 2x4; core, linen
-and nnx) failed, while ``flax.linen.BatchNorm`` passed. (With ``in_shardings``
+sharded dims ...``: the training cells of that kind (1-D and 2x4; every API)
+failed, while ``flax.linen.BatchNorm`` passed. (With ``in_shardings``
 jax 0.10 types the traced arguments unsharded, so those cells did not fail.)
 """
 
@@ -54,6 +55,7 @@ MESHES = {
 }
 AXIS_TYPES = {"explicit": AxisType.Explicit, "auto": AxisType.Auto}
 MODES = ("train", "eval")
+FRAMEWORKS = ("core", "linen", "nnx", "nnx-functional", "flax-linen")
 
 
 @functools.cache
@@ -234,6 +236,39 @@ def prepare_nnx(mode: str, cell: tuple | None) -> Callable[[], Any]:
     return call
 
 
+# --- nnx, functional: nnx.split, then jax.jit of a function that merges ----------
+
+
+def nnx_functional(mode: str) -> Callable:
+    def step(graphdef, state, x, w):
+        model = nnx.merge(graphdef, state)
+        out = NNX_STEPS[mode](model, x, w)
+        return out, {n: getattr(model, n)[...] for n in ("mean", "var", "count")}
+
+    return step
+
+
+NNX_FUNCTIONAL = {mode: jax.jit(nnx_functional(mode)) for mode in MODES}
+
+
+def prepare_nnx_functional(mode: str, cell: tuple | None) -> Callable[[], Any]:
+    graphdef, state = nnx.split(nnx_model())
+    x, w = inputs()
+    fn = NNX_FUNCTIONAL[mode]
+    args = (graphdef, state, x, w)
+    if cell is not None:
+        kind, placement, mesh = cell
+        state_sh = jax.tree.map(feature_sharding(mesh, kind), state)
+        x_sh = NamedSharding(mesh, MESHES[kind][2])
+        if placement == "device_put":
+            placed = jax.device_put((state, x, w), (state_sh, x_sh, x_sh))
+            args = (graphdef, *placed)
+        else:
+            in_shardings = (None, state_sh, x_sh, x_sh)
+            fn = jax.jit(nnx_functional(mode), in_shardings=in_shardings)
+    return lambda: fn(*args)
+
+
 # --- the matrix --------------------------------------------------------------------
 
 
@@ -241,6 +276,8 @@ def prepare(framework: str, mode: str, cell: tuple | None) -> Callable[[], Any]:
     """A thunk running one step; built outside any mesh context, like user data."""
     if framework == "nnx":
         return prepare_nnx(mode, cell)
+    if framework == "nnx-functional":
+        return prepare_nnx_functional(mode, cell)
     return prepare_pure(framework, mode, cell)
 
 
@@ -281,7 +318,7 @@ def elementwise_shardings(kind, axis_type, set_mesh, placement) -> dict:
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("framework", ["core", "linen", "nnx", "flax-linen"])
+@pytest.mark.parametrize("framework", FRAMEWORKS)
 @pytest.mark.parametrize("placement", ["device_put", "in_shardings"])
 @pytest.mark.parametrize("set_mesh", [False, True], ids=["no-set_mesh", "set_mesh"])
 @pytest.mark.parametrize("axis_type", list(AXIS_TYPES))
@@ -302,3 +339,29 @@ def test_sharded_equals_single_device(
         if leaf.ndim:  # full-size (y, dx) or per-feature (statistics, grads)
             allowed = want[leaf.ndim]
             assert any(leaf.sharding.is_equivalent_to(s, leaf.ndim) for s in allowed)
+
+
+@pytest.mark.parametrize("layer", ["jaxbn", "flax.linen"])
+@pytest.mark.parametrize("kind", list(MESHES))
+def test_issue_observation_explicit_mesh_without_set_mesh(kind, layer):
+    """The issue's report, as written: init's params, only x placed, no set_mesh.
+
+    ``jax.make_mesh`` gives Explicit axes; the jitted training apply on the
+    placed x raised ``ShardingTypeError`` with the old core, while
+    ``flax.linen.BatchNorm`` worked.
+    """
+    shape, names, x_spec, _ = MESHES[kind]
+    mesh = jax.make_mesh(shape, names)
+    assert set(mesh.axis_types) == {AxisType.Explicit}
+    x, _ = inputs()
+    apply: Callable[[Any], Any]
+    if layer == "jaxbn":
+        params, stats = CORE.init(x)
+        apply = functools.partial(CORE.apply, params, stats, train=True)
+    else:
+        module = nn.BatchNorm(use_running_average=False, momentum=MOMENTUM)
+        variables = module.init(jax.random.key(0), x)
+        apply = functools.partial(module.apply, variables, mutable=["batch_stats"])
+    want = jax.jit(apply)(x)
+    got = jax.jit(apply)(jax.device_put(x, NamedSharding(mesh, x_spec)))
+    chex.assert_trees_all_close(got, want, **TOL)
