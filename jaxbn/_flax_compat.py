@@ -1,8 +1,19 @@
 """What the Flax adapters share: mapping Flax's options onto ``jaxbn.batch_norm``.
 
 The adapters in ``jaxbn.linen`` and ``jaxbn.nnx`` own Flax variables; this module
-turns their options into a core :class:`jaxbn.Layer` and their flat variables
-into the core's ``params`` / ``batch_stats`` dicts. No maths lives here.
+turns their options into a core :class:`jaxbn.Layer` and their variables into
+the core's ``params`` / ``batch_stats`` dicts. No maths lives here.
+
+Where Flax and the core differ, the adapters behave like Flax:
+
+* training with one value per feature (a batch of one, or x without a batch
+  axis) normalizes to the bias, as in Flax, where the core raises;
+* integer and boolean x are promoted to float, as in Flax;
+* ``count`` exists only with ``warmup=True`` (with ``warmup=False`` the
+  variables are exactly Flax's) and is stored as float32, so that
+  differentiating a whole module (``nnx.grad(..., graph=False)``,
+  ``jax.grad`` over all variables) never meets an integer leaf. float32 counts
+  exactly up to ``2**24`` updates and then stays there, far past any warm-up.
 """
 
 from __future__ import annotations
@@ -17,18 +28,25 @@ import numpy as np
 from . import _validation as v
 from ._layer import BatchStats, Layer, batch_norm
 
+# dtype of the adapters' ``count`` variable (the core counts in int32).
+COUNT_DTYPE = jnp.float32
+# Largest count float32 holds exactly; updates beyond it leave count there.
+MAX_COUNT = 2**24
 # Count given to running statistics trained without jaxbn (Flax checkpoints):
-# far past any warm-up, so the decay is ``momentum`` as in Flax, and 2**30 more
-# updates fit in int32 before ``count`` could overflow.
-CONVERGED_COUNT = 2**30
+# far past any warm-up (the decay is then min(momentum, 1 - 5.4e-7)), so the
+# decay is ``momentum`` as in Flax.
+CONVERGED_COUNT = MAX_COUNT
 
 
-def core_layer(module: Any, dtype: Any) -> Layer:
+def core_layer(module: Any, dtype: Any, *, initializing: bool = False) -> Layer:
     """The core layer for a Flax-style module's options, with output ``dtype``.
 
     Both adapters name their options like Flax (``use_bias``, ``use_scale``, ...)
     plus ``warmup``; ``use_fast_variance`` and ``force_float32_reductions`` are
     accepted for compatibility and ignored (the core is always stable, float32).
+    Training with a single value per feature is allowed, as in Flax.
+    ``initializing`` gives the layer Flax uses during ``init``: statistics of the
+    batch alone, with no ``axis_name`` synchronization.
     """
     return batch_norm(
         axis=module.axis,
@@ -37,25 +55,68 @@ def core_layer(module: Any, dtype: Any) -> Layer:
         center=module.use_bias,
         scale=module.use_scale,
         warmup=module.warmup,
-        axis_name=module.axis_name,
-        axis_index_groups=module.axis_index_groups,
+        axis_name=None if initializing else module.axis_name,
+        axis_index_groups=None if initializing else module.axis_index_groups,
         dtype=dtype,
         param_dtype=module.param_dtype,
+        **_ONE_VALUE,
     )
 
 
+# TEMPORARY until the core's allow_one_value lands on main.
+import inspect as _inspect  # noqa: E402
+
+_ONE_VALUE: dict[str, Any] = (
+    {"allow_one_value": True}
+    if "allow_one_value" in _inspect.signature(batch_norm).parameters
+    else {}
+)
+
+
+def as_inexact(x: Any) -> Any:
+    """x, with integer and boolean dtypes promoted to float as Flax does."""
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        v.check_x(x)  # raises the core's TypeError
+    if not jnp.issubdtype(x.dtype, jnp.inexact):
+        return jnp.asarray(x, jnp.promote_types(x.dtype, jnp.float32))
+    return x
+
+
 def feature_shape(x: Any, axis: Any) -> tuple[int, ...]:
-    """The shape of x's feature axes (checked like the core checks them)."""
-    v.check_x(x)
-    axes = v.normalize_axes(v.check_axis_spec(axis), len(x.shape))
+    """The shape of x's feature axes; every axis of x may be a feature axis.
+
+    A single example (no batch axis) is normalized like Flax does: to the bias
+    in training (its variance is 0), and with the running statistics in
+    evaluation.
+    """
+    axes = v.normalize_axes(v.check_axis_spec(axis), len(x.shape), True)
     return tuple(x.shape[a] for a in axes)
 
 
+def core_stats(mean: jax.Array, var: jax.Array, count: Any) -> BatchStats:
+    """The core's ``batch_stats`` from the adapters' variables.
+
+    ``count`` is the adapters' float32 count (or a Python int); the core counts
+    in int32.
+    """
+    return {
+        "mean": mean,
+        "var": var,
+        "count": jnp.asarray(count, COUNT_DTYPE).astype(jnp.int32),
+    }
+
+
+def stored_count(count: jax.Array) -> jax.Array:
+    """The core's int32 count as the adapters store it (float32)."""
+    return jnp.minimum(count, MAX_COUNT).astype(COUNT_DTYPE)
+
+
 def initial_stats(features: tuple[int, ...]) -> BatchStats:
-    """The core's initial ``batch_stats`` for the given feature shape."""
-    axes = tuple(range(1, 1 + len(features)))
-    spec = jax.ShapeDtypeStruct((2, *features), jnp.float32)
-    return batch_norm(axis=axes).init(spec)[1]
+    """The initial ``mean`` and ``var`` for the given feature shape (float32)."""
+    return {
+        "mean": jnp.zeros(features, jnp.float32),  # shape=features, f32
+        "var": jnp.ones(features, jnp.float32),  # shape=features, f32
+    }
 
 
 def train_flag(use_running_average: Any) -> bool | jax.Array:
@@ -80,18 +141,18 @@ def converged(
     if "mean" in out and "var" in out and "count" not in out:
         out["mean"] = jnp.asarray(out["mean"], jnp.float32)
         out["var"] = jnp.asarray(out["var"], jnp.float32)
-        out["count"] = jnp.asarray(count, jnp.int32)
+        out["count"] = jnp.asarray(count, COUNT_DTYPE)
     return out
 
 
 def check_count(count: Any) -> int:
-    """Checks a count given for converged statistics: an int in [0, 2**31 - 2]."""
+    """Checks a count given for converged statistics: an int in [0, 2**24]."""
     if isinstance(count, bool) or not isinstance(count, int):
         raise TypeError(f"count must be a Python int, got {count!r}.")
-    if not 0 <= count < 2**31 - 1:
+    if not 0 <= count <= MAX_COUNT:
         raise ValueError(
-            f"count={count} does not fit an int32 counter that is still to be "
-            f"incremented; use a value in [0, {2**31 - 2}], e.g. the default "
-            f"{CONVERGED_COUNT}."
+            f"count={count} does not fit the float32 counter exactly; use a value "
+            f"in [0, {MAX_COUNT}] (2**24), e.g. the default {CONVERGED_COUNT}, "
+            "which marks the statistics as converged."
         )
     return count
