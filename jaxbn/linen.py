@@ -179,7 +179,7 @@ class BatchNorm(nn.Module):
         )
         mean = self.variable("batch_stats", "mean", initial, "mean")
         var = self.variable("batch_stats", "var", initial, "var")
-        count, count_value = self._count(from_flax)
+        count, count_value = _count_variable(self, from_flax)
         stats = compat.core_stats(mean.value, var.value, count_value)
 
         out_dtype = self.dtype
@@ -195,25 +195,27 @@ class BatchNorm(nn.Module):
                 count.value = compat.stored_count(stats["count"])
         return y
 
-    def _count(self, from_flax: bool) -> tuple[Any, Any]:
-        """The ``count`` variable (or None) and the count to give the core.
 
-        With ``warmup=False`` there is no count: the variables are Flax's.
-        Statistics saved by ``flax.linen.BatchNorm`` have no count: they are
-        treated as converged, and the count is created once the collection is
-        mutable.
-        """
-        if not self.warmup:
-            return None, 0
-        first = CONVERGED_COUNT if from_flax else 0
-        if from_flax and not self.is_mutable_collection("batch_stats"):
-            return None, first
-        count = self.variable(
-            "batch_stats",
-            "count",
-            lambda: jnp.asarray(first, compat.COUNT_DTYPE),  # shape=(), float32
-        )
-        return count, count.value
+def _count_variable(module: BatchNorm, from_flax: bool) -> tuple[Any, Any]:
+    """The ``count`` variable of ``module`` (or None) and the count for the core.
+
+    With ``warmup=False`` there is no count: the variables are Flax's.
+    Statistics saved by ``flax.linen.BatchNorm`` have no count: they are
+    treated as converged, and the count is created once the collection is
+    mutable. (A function, not a method: Flax's summaries list every method
+    call of a module.)
+    """
+    if not module.warmup:
+        return None, 0
+    first = CONVERGED_COUNT if from_flax else 0
+    if from_flax and not module.is_mutable_collection("batch_stats"):
+        return None, first
+    count = module.variable(
+        "batch_stats",
+        "count",
+        lambda: jnp.asarray(first, compat.COUNT_DTYPE),  # shape=(), float32
+    )
+    return count, count.value
 
 
 def from_flax_variables(
