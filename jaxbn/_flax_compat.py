@@ -46,7 +46,8 @@ def core_layer(module: Any, dtype: Any, *, initializing: bool = False) -> Layer:
     accepted for compatibility and ignored (the core is always stable, float32).
     Training with a single value per feature is allowed, as in Flax.
     ``initializing`` gives the layer Flax uses during ``init``: statistics of the
-    batch alone, with no ``axis_name`` synchronization.
+    batch alone, with no ``axis_name`` synchronization. A complex output
+    ``dtype`` is left to :func:`cast_output` (the core's ``dtype`` is real).
     """
     return batch_norm(
         axis=module.axis,
@@ -57,7 +58,7 @@ def core_layer(module: Any, dtype: Any, *, initializing: bool = False) -> Layer:
         warmup=module.warmup,
         axis_name=None if initializing else module.axis_name,
         axis_index_groups=None if initializing else module.axis_index_groups,
-        dtype=dtype,
+        dtype=dtype if dtype is None or not _is_complex(dtype) else None,
         param_dtype=module.param_dtype,
         **_ONE_VALUE,
     )
@@ -93,12 +94,25 @@ def feature_shape(x: Any, axis: Any) -> tuple[int, ...]:
     return tuple(x.shape[a] for a in axes)
 
 
-def core_stats(mean: jax.Array, var: jax.Array, count: Any) -> BatchStats:
+def _is_complex(dtype: Any) -> bool:
+    return jnp.issubdtype(dtype, jnp.complexfloating)
+
+
+def cast_output(y: jax.Array, dtype: Any) -> jax.Array:
+    """The core's output in the adapter's output ``dtype`` (complex included)."""
+    return y if y.dtype == dtype else y.astype(dtype)
+
+
+def core_stats(mean: jax.Array, var: jax.Array, count: Any, x_dtype: Any) -> BatchStats:
     """The core's ``batch_stats`` from the adapters' variables.
 
-    ``count`` is the adapters' float32 count (or a Python int); the core counts
-    in int32.
+    The running mean starts as float32, as in Flax; for complex x the core
+    wants a complex mean, and it becomes complex after the first update (as
+    Flax's does). ``count`` is the adapters' float32 count (or a Python int);
+    the core counts in int32.
     """
+    if _is_complex(x_dtype) and not _is_complex(mean.dtype):
+        mean = mean.astype(jnp.promote_types(mean.dtype, jnp.complex64))
     return {
         "mean": mean,
         "var": var,

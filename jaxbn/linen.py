@@ -180,7 +180,7 @@ class BatchNorm(nn.Module):
         mean = self.variable("batch_stats", "mean", initial, "mean")
         var = self.variable("batch_stats", "var", initial, "var")
         count, count_value = _count_variable(self, from_flax)
-        stats = compat.core_stats(mean.value, var.value, count_value)
+        stats = compat.core_stats(mean.value, var.value, count_value, x.dtype)
 
         out_dtype = self.dtype
         if out_dtype is None:  # Flax's promotion of x with the params
@@ -189,6 +189,7 @@ class BatchNorm(nn.Module):
         # Like Flax, init normalizes with the batch's statistics when training
         # (alone, without axis_name) and records nothing.
         y, stats = layer.apply(params, stats, x, train=train, mask=mask)
+        y = compat.cast_output(y, out_dtype)
         if train is not False and not initializing:
             mean.value, var.value = stats["mean"], stats["var"]
             if count is not None:

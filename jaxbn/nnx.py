@@ -220,6 +220,7 @@ class BatchNorm(nnx.Module):
             self.mean[...].reshape(features),
             self.var[...].reshape(features),
             self.count[...] if self.warmup else 0,
+            x.dtype,
         )
 
         def output_dtype(args: tuple) -> jax.Array:  # Flax's promotion
@@ -232,9 +233,10 @@ class BatchNorm(nnx.Module):
         ).dtype
         layer = compat.core_layer(self, out_dtype)
         y, stats = layer.apply(params, stats, x, train=train, mask=mask)
+        y = compat.cast_output(y, out_dtype)
         if train is not False:
-            self.mean[...] = stats["mean"].reshape(self.mean.shape)
-            self.var[...] = stats["var"].reshape(self.var.shape)
+            _store(self.mean, stats["mean"])
+            _store(self.var, stats["var"])
             if self.warmup:
                 self.count[...] = compat.stored_count(stats["count"])
         return y
@@ -247,6 +249,19 @@ class BatchNorm(nnx.Module):
         """
         if use_running_average is not None:
             self.use_running_average = use_running_average
+
+
+def _store(variable: nnx.BatchStat, value: jax.Array) -> None:
+    """Writes running statistics into ``variable`` in its dtype and shape.
+
+    A complex mean (complex x) replaces a real one, as in Flax Linen: writing
+    it into the float32 array would drop its imaginary part.
+    """
+    value = value.reshape(variable.shape)
+    if jnp.iscomplexobj(value) and not jnp.iscomplexobj(variable[...]):
+        variable.value = value
+    else:
+        variable[...] = value.astype(variable.dtype)
 
 
 def mark_converged(module: nnx.Module, count: int = CONVERGED_COUNT) -> None:

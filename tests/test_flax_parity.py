@@ -303,7 +303,8 @@ def test_linen_complex(masked):
         model = cls(momentum=0.9, use_running_average=False, dtype=jnp.complex64)
         y, variables = model.init_with_output(jax.random.key(2), x, mask=mask)
         y2, updates = model.apply(variables, x, mutable=["batch_stats"], mask=mask)
-        evaluated = model.apply({**variables, **updates}, x, use_running_average=True)
+        evaluate = cls(momentum=0.9, use_running_average=True, dtype=jnp.complex64)
+        evaluated = evaluate.apply({**variables, **updates}, x)
         if mask is not None:
             y, y2, evaluated = (jnp.where(mask, a, 0) for a in (y, y2, evaluated))
         return y, y2, updates, evaluated
