@@ -1,71 +1,37 @@
-"""The fused training path: single-pass statistics and a closed-form backward.
+"""The training path: batch statistics, normalization, and what autodiff saves.
 
 Batch norm is memory-bound, so its cost is the number of passes over x. Let S be
-the bytes of x. The training step here makes:
+the bytes of x. A training forward makes two passes (3S of traffic): the
+statistics' fused sums (``_statistics``; a re-centring pass more, rarely, when
+the running mean is far from the batch mean), and one elementwise pass that
+reads x and writes y.
 
-Forward (``fused_training``), three passes, 4S of traffic:
-
-1. ``_statistics.shifted_moments``: per feature, two reductions that read x
-   only: the sums of ``x - shift`` and ``(x - shift)**2`` around one of the
-   feature's own values, or across devices the running mean (see that module).
-2. One elementwise pass reads x and writes ``y = (x - shift) * rsqrt(var +
-   epsilon) * scale + (bias - offset * scale * rsqrt(var + epsilon))`` in the
-   output dtype.
-
-Across devices (``axis_name``) the statistics are merged there too: one
-all-reduce (two when the re-centring pass runs).
-
-XLA:CPU runs reductions as YNNPACK fusions that take the elementwise producers
-and per-feature broadcasts in, so each reduction reads only x, except that a
-producer or broadcast two fusions share is written to memory first (a full-size
-temporary). Every full-size expression here is therefore distinct from the
-others in a training step: ``x - shift``, ``x + (-shift)``, ``2x - 2 shift``
-and ``x/2 - shift/2`` (each exact up to the power-of-two factor), and the scale
-is a separate factor of y, since XLA writes the broadcast of a computed ``scale
-* inv_std`` to memory when y feeds a reduction.
-
-Residuals: x in its own dtype (1S; no float32 copy for bfloat16/float16), the
-mask as given (not broadcast), and per-feature shift, offset, inverse standard
-deviation, count, scale and bias.
-
-Backward (``jax.custom_vjp``), three passes, 6S of traffic: with ``xhat = ((x -
-shift) - offset) * r`` and ``n`` the (global) count,
-
-1. two reductions: ``sum(dy)`` (reads dy) and ``sum(dy * (x - shift))`` (reads
-   x and dy), which gives ``sum(dy * xhat)``; one all-reduce of both across
-   devices;
-2. one elementwise pass reads x and dy and writes ``dx = scale * r * (dy -
-   sum(dy)/n - xhat * sum(dy * xhat)/n)``, with per-feature coefficients of dy
-   and ``x - shift``, for valid entries and ``scale * r * dy`` for masked ones
-   (their values do not reach the statistics).
-
-``dscale = sum(dy * xhat)`` and ``dbias = sum(dy)`` are the local sums (the
-transpose of a device-invariant parameter sums them across devices). The batch
-statistics returned for the running average carry no gradient.
+Every JAX transformation applies: the statistics have a closed-form, linear
+tangent rule (``jax.custom_jvp`` in ``_statistics``), and the normalization is
+plain elementwise ``jnp``, so ``jax.jvp``, ``jax.grad``, ``jax.linearize``,
+``jax.hessian`` and ``jax.vmap`` all see ordinary code. For reverse mode the
+step is wrapped in ``jax.checkpoint`` with a policy that saves only the
+per-feature statistics: the residuals are x itself (1S, in x's own dtype) and
+the mask, and the backward recomputes ``x - shift`` elementwise where it needs
+it instead of storing full-size intermediates, and never re-runs the passes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
 from functools import partial
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 
 from ._normalize import normalize
-from ._statistics import ShiftedMoments, psum_in_groups, shifted_moments, varying_as
+from ._fusion import centred_pair
+from ._statistics import SAVED, ShiftedMoments, psum_parts, shifted_moments
 
-
-class _Config(NamedTuple):
-    """Static (hashable) settings of one fused call."""
-
-    reduction_axes: tuple[int, ...]
-    epsilon: float
-    axis_name: Hashable | None
-    groups: tuple[tuple[int, ...], ...] | None
-    dtype: Any
+_SAVE_STATISTICS = jax.checkpoint_policies.save_only_these_names(SAVED)
 
 
 def fused_training(
@@ -73,7 +39,8 @@ def fused_training(
     mask: jax.Array | None,
     scale: jax.Array | None,
     bias: jax.Array | None,
-    fallback_shift: jax.Array,
+    running_mean: jax.Array,
+    running_var: jax.Array,
     *,
     reduction_axes: tuple[int, ...],
     epsilon: float,
@@ -83,14 +50,18 @@ def fused_training(
 ) -> tuple[jax.Array, ShiftedMoments]:
     """Normalizes x with its batch statistics; returns ``(y, moments)``.
 
+    A feature with no valid value (all masked, or an empty batch) is normalized
+    with the running statistics, as evaluation would.
+
     Args:
-      x: the input, any floating dtype.
+      x: the input, any floating or complex dtype.
       mask: optional boolean array of x's rank, broadcastable to x; statistics use
         its True entries only.
       scale: optional scale, x's rank with size 1 along ``reduction_axes``.
       bias: optional bias, same shape as ``scale``.
-      fallback_shift: float32 shift (the running mean) used where a feature's
-        first batch value is masked; same shape as ``scale``.
+      running_mean: the running mean, same shape as ``scale``: the shift around
+        which the sums are taken (the same on every device).
+      running_var: the running variance, same shape as ``scale``.
       reduction_axes: the batch axes.
       epsilon: added to the variance.
       axis_name: optional named axis (or tuple) to synchronize statistics over.
@@ -99,15 +70,15 @@ def fused_training(
 
     Returns:
       ``y`` in ``dtype`` and the ``ShiftedMoments`` (no gradient) of the batch,
-      with the global count and variance when ``axis_name`` is given.
+      global when ``axis_name`` is given.
 
     Examples:
       >>> import jax.numpy as jnp
       >>> x = jnp.array([[1.0, 10.0], [3.0, 30.0]])
       >>> y, m = fused_training(x, None, None, None, jnp.zeros((1, 2)),
-      ...     reduction_axes=(0,), epsilon=1e-5, axis_name=None,
-      ...     axis_index_groups=None, dtype=jnp.float32)
-      >>> y
+      ...     jnp.ones((1, 2)), reduction_axes=(0,), epsilon=1e-5,
+      ...     axis_name=None, axis_index_groups=None, dtype=jnp.float32)
+      >>> jnp.round(y, 4)
       Array([[-1., -1.],
              [ 1.,  1.]], dtype=float32)
       >>> m.shift + m.offset, m.var
@@ -116,78 +87,104 @@ def fused_training(
     groups = None
     if axis_index_groups is not None:
         groups = tuple(tuple(int(i) for i in g) for g in axis_index_groups)
-    config = _Config(tuple(reduction_axes), float(epsilon), axis_name, groups, dtype)
-    fallback_shift = lax.stop_gradient(fallback_shift.astype(jnp.float32))
-    if axis_name is not None:
-        scale, bias = varying_as(scale, x), varying_as(bias, x)
-    return _train(config, x, mask, scale, bias, fallback_shift)
+    static = (tuple(reduction_axes), float(epsilon), axis_name, groups, dtype)
+    running = lax.stop_gradient((running_mean, running_var))
+    return _checkpointed(static, x, mask, scale, bias, running)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _train(
-    config: _Config,
+@partial(jax.checkpoint, policy=_SAVE_STATISTICS, static_argnums=(0,))
+def _checkpointed(
+    static: tuple,
     x: jax.Array,
     mask: jax.Array | None,
     scale: jax.Array | None,
     bias: jax.Array | None,
-    fallback: jax.Array,
+    running: tuple[jax.Array, jax.Array],
 ) -> tuple[jax.Array, ShiftedMoments]:
-    return _train_fwd(config, x, mask, scale, bias, fallback)[0]
+    if mask is not None:
+        # Padding may hold NaN: read a masked non-finite entry as 0 so it
+        # reaches neither the statistics nor any gradient.
+        x = jnp.where(mask | jnp.isfinite(x), x, jnp.zeros((), x.dtype))
+    return _train(static, x, mask, scale, bias, running)
 
 
-def _train_fwd(
-    config: _Config,
+def _forward(
+    static: tuple,
     x: jax.Array,
     mask: jax.Array | None,
     scale: jax.Array | None,
     bias: jax.Array | None,
-    fallback: jax.Array,
-) -> tuple[tuple[jax.Array, ShiftedMoments], tuple]:
-    m = shifted_moments(
-        x, config.reduction_axes, mask, config.axis_name, config.groups, fallback
-    )
-    y = normalize(
-        x, m.offset, m.var, scale, bias, config.epsilon, config.dtype, m.shift
-    )
-    r = lax.rsqrt(m.var + config.epsilon)
-    bias_dtype = None if bias is None else jnp.zeros((), bias.dtype)
-    residuals = (x, mask, scale, bias_dtype, m.count, m.shift, m.offset, r)
-    return (y, m), residuals
+    running: tuple[jax.Array, jax.Array],
+) -> tuple[jax.Array, ShiftedMoments, jax.Array]:
+    """``(y, moments, variance used)``, all differentiable (no stop_gradient)."""
+    axes, epsilon, axis_name, groups, dtype = static
+    running_mean, running_var = running
+    m = shifted_moments(x, axes, mask, axis_name, groups, running_mean)
+    m = ShiftedMoments(*(checkpoint_name(a, SAVED) for a in m))
+    # Features with no valid value have offset 0 around the running mean
+    # already; they take the running variance too.
+    var = jnp.where(m.count > 0, m.var, running_var.astype(m.var.dtype))
+    y = normalize(x, m.offset, var, scale, bias, epsilon, dtype, m.shift)
+    return y, m, var
 
 
-def _train_bwd(config: _Config, residuals: tuple, cotangents: tuple) -> tuple:
-    x, mask, scale, bias_dtype, count, shift, offset, r = residuals
-    dy = cotangents[0].astype(jnp.float32)  # the statistics carry no gradient
-    axes = config.reduction_axes
-    xf = x.astype(jnp.float32)
-    # sum(dy * xhat) = r * (sum(dy * (x - shift)) - offset * sum(dy)). ``2x -
-    # 2 shift`` is exactly twice ``x - shift``, but not the same expression as
-    # the forward's: XLA:CPU would write a shared ``x - shift`` to memory.
-    dy_centred = dy * (xf * 2.0 - shift * 2.0)
+@partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _train(
+    static: tuple,
+    x: jax.Array,
+    mask: jax.Array | None,
+    scale: jax.Array | None,
+    bias: jax.Array | None,
+    running: tuple[jax.Array, jax.Array],
+) -> tuple[jax.Array, ShiftedMoments]:
+    y, m, _ = _forward(static, x, mask, scale, bias, running)
+    return y, lax.stop_gradient(m)
+
+
+@_train.defjvp
+def _train_jvp(static: tuple, primals: tuple, tangents: tuple) -> tuple:
+    """The tangent of y, linear in (dx, dscale, dbias), shaped for its transpose.
+
+    With ``c = (x - shift) - offset``, ``r = rsqrt(var + epsilon)``, ``g =
+    scale * r`` and sums over the valid entries divided by the count n:
+
+        dy = g * dx + c * (dscale * r - g * r**2 * sum(Re(conj(c) dx))/n)
+             + (dbias - g * sum(dx)/n)
+
+    Every full-size term is a full-size array times a per-feature one, so the
+    transpose (reverse mode) needs just two reductions, ``sum(dy)`` and
+    ``sum(dy * c)``, shared by the parameter and input gradients, and one
+    elementwise pass for dx: the closed-form backward.
+    """
+    x, mask, scale, bias, running = primals
+    dx, _, dscale, dbias, _ = tangents
+    axes, epsilon, axis_name, groups, dtype = static
+    y, m, var = _forward(static, x, mask, scale, bias, running)
+    real = var.dtype
+    r = lax.rsqrt(var + jnp.asarray(epsilon, real))
+    g = r if scale is None else r * scale.astype(real)
+    xc = x.astype(m.shift.dtype)
+    t = dx.astype(m.shift.dtype)
+    # Two expressions for the same centred x (see ``_fusion.centred_pair``):
+    # one feeds the reduction of the transpose, the other its elementwise pass.
+    c_out, c_sum = centred_pair(xc, m.shift, m.offset)
+    tc = t * jnp.conj(c_sum) if jnp.iscomplexobj(t) else t * c_sum
+    tc = tc.real
     if mask is not None:
-        # A NaN under False with a zero cotangent must not poison the sums.
-        dy_centred = jnp.where(dy == 0.0, 0.0, dy_centred)
-    sum_dy = jnp.sum(dy, axes, keepdims=True)
-    sum_dy_centred = 0.5 * jnp.sum(dy_centred, axes, keepdims=True)
-    sum_dy_xhat = r * (sum_dy_centred - offset * sum_dy)
-    dscale = None if scale is None else sum_dy_xhat.astype(scale.dtype)
-    dbias = None if bias_dtype is None else sum_dy.astype(bias_dtype.dtype)
-    if config.axis_name is not None:
-        sums = psum_in_groups(
-            jnp.stack([sum_dy, sum_dy_xhat]), config.axis_name, config.groups
-        )
-        sum_dy, sum_dy_xhat = sums[0], sums[1]
-    inv_n = 1.0 / jnp.maximum(count, 1.0)
-    gain = r if scale is None else r * scale.astype(jnp.float32)
-    # dx = gain * (dy - sum_dy/n - xhat * sum_dy_xhat/n) with xhat = ((x -
-    # shift) - offset) * r, as per-feature coefficients of dy and x - shift
-    # (again its own expression, ``x/2 - shift/2``).
-    slope = gain * r * (sum_dy_xhat * inv_n)
-    const = slope * offset - gain * (sum_dy * inv_n)
-    dx = gain * dy + ((xf * 0.5 - shift * 0.5) * (-2.0 * slope) + const)
-    if mask is not None:
-        dx = jnp.where(mask, dx, gain * dy)
-    return dx.astype(x.dtype), None, dscale, dbias, None
+        t = jnp.where(mask, t, jnp.zeros((), t.dtype))
+        tc = jnp.where(mask, tc, jnp.zeros((), tc.dtype))
+    sum_t = jnp.sum(t, axes, keepdims=True)
+    sum_tc = jnp.sum(tc, axes, keepdims=True)
+    if axis_name is not None:
+        sum_t, sum_tc = psum_parts([sum_t, sum_tc], axis_name, groups)
+    inv_n = 1.0 / jnp.maximum(m.count, 1.0)
+    per_c = -(g * r * r) * (sum_tc * inv_n)
+    if dscale is not None:
+        per_c = per_c + dscale.astype(real) * r
+    per_1 = -g * (sum_t * inv_n)
+    if dbias is not None:
+        per_1 = per_1 + dbias.astype(real)
+    dy = g * dx.astype(m.shift.dtype) + c_out * per_c + per_1
+    zeros = jax.tree.map(jnp.zeros_like, m)
+    return (y, lax.stop_gradient(m)), (dy.astype(y.dtype), zeros)
 
-
-_train.defvjp(_train_fwd, _train_bwd)

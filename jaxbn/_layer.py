@@ -14,7 +14,7 @@ from . import _validation as v
 from ._fused import fused_training
 from ._normalize import normalize
 from ._running import update_running_stats
-from ._statistics import Moments, devices_in_axis
+from ._statistics import Moments, devices_in_axis, mean_dtype, real_dtype
 
 Params = dict[str, jax.Array]
 BatchStats = dict[str, jax.Array]
@@ -74,6 +74,7 @@ def batch_norm(
     center: bool = True,
     scale: bool = True,
     warmup: bool = True,
+    allow_one_value: bool = False,
     axis_name: Hashable | tuple[Hashable, ...] | None = None,
     axis_index_groups: Sequence[Sequence[int]] | None = None,
     dtype: Any = None,
@@ -180,11 +181,12 @@ def batch_norm(
             "whose devices the groups split."
         )
     center, scale = bool(center), bool(scale)
-    warmup = bool(warmup)
+    warmup, allow_one_value = bool(warmup), bool(allow_one_value)
+    batch_elsewhere = axis_name is not None or allow_one_value
 
     def geometry(x: Any) -> tuple[v.Axes, tuple[int, ...], tuple[int, ...]]:
         v.check_x(x)
-        axes = v.normalize_axes(axis_spec, len(x.shape), axis_name is not None)
+        axes = v.normalize_axes(axis_spec, len(x.shape), batch_elsewhere)
         feature_shape = tuple(x.shape[a] for a in axes)
         kept = tuple(d if i in axes else 1 for i, d in enumerate(x.shape))
         return axes, feature_shape, kept
@@ -203,8 +205,9 @@ def batch_norm(
                 bias_init(bias_key, feature_shape, param_dtype), param_dtype
             )
         batch_stats: BatchStats = {
-            "mean": jnp.zeros(feature_shape, jnp.float32),  # shape=features, f32
-            "var": jnp.ones(feature_shape, jnp.float32),  # shape=features, f32
+            # shape=features; float32 (float64 for float64 x, complex for complex x)
+            "mean": jnp.zeros(feature_shape, mean_dtype(x.dtype)),
+            "var": jnp.ones(feature_shape, real_dtype(x.dtype)),  # shape=features
             "count": jnp.zeros((), jnp.int32),  # shape=(), int32: updates so far
         }
         return params, batch_stats
@@ -227,17 +230,17 @@ def batch_norm(
         v.check_mapping(
             "params", params, expected_params, feature_shape, axes, axis_spec, False
         )
-        stats_spec = {
-            "mean": (feature_shape, jnp.float32),
-            "var": (feature_shape, jnp.float32),
-            "count": ((), jnp.int32),
-        }
         v.check_mapping(
-            "batch_stats", batch_stats, stats_spec, feature_shape, axes, axis_spec, True
+            "batch_stats",
+            batch_stats,
+            v.stats_spec(feature_shape, x.dtype),
+            feature_shape,
+            axes,
+            axis_spec,
+            True,
         )
         if mask is not None:
-            v.check_mask(mask, tuple(x.shape))
-            mask = jnp.asarray(mask)
+            mask = v.check_mask(mask, tuple(x.shape))
         reduction_axes = tuple(i for i in range(x.ndim) if i not in axes)
         out_dtype = x.dtype if dtype is None else dtype
         gamma = params["scale"].reshape(kept) if scale else None
@@ -257,6 +260,7 @@ def batch_norm(
                 gamma,
                 beta,
                 stats["mean"].reshape(kept),
+                stats["var"].reshape(kept),
                 reduction_axes=reduction_axes,
                 epsilon=epsilon,
                 axis_name=axis_name,
@@ -267,8 +271,8 @@ def batch_norm(
             flat = Moments(*(a.reshape(feature_shape) for a in moments))
             return y, update_running_stats(stats, flat, momentum, warmup)
 
-        if train is True or not isinstance(train, bool):
-            _check_enough_values(x.shape, reduction_axes, train)
+        if train is True and not allow_one_value:
+            _check_enough_values(x.shape, reduction_axes)
         if mask is not None:
             # Padding may hold NaN: read a masked non-finite entry as 0 so it
             # reaches neither the statistics nor any gradient.
@@ -278,18 +282,20 @@ def batch_norm(
             return training(operands) if train else evaluate(operands)
         return lax.cond(train, training, evaluate, operands)
 
-    def _check_enough_values(shape: tuple, reduction_axes: tuple, train: Any) -> None:
+    def _check_enough_values(shape: tuple, reduction_axes: tuple) -> None:
         per_device = 1
         for a in reduction_axes:
             per_device *= shape[a]
         devices = devices_in_axis(axis_name, axis_index_groups)
-        if per_device * devices < 2 and train is True:
+        if 0 < per_device * devices < 2:
             raise ValueError(
                 f"train=True with x of shape {tuple(shape)}: each feature sees "
                 f"{per_device * devices} value(s) ({per_device} per device x "
                 f"{devices} device(s)), but a batch variance needs at least 2. "
-                "Train with a larger batch, or use train=False to normalize with "
-                "the running statistics."
+                "Train with a larger batch, use train=False to normalize with "
+                "the running statistics, or build the layer with "
+                "allow_one_value=True to normalize such a batch to the bias, as "
+                "flax.linen.BatchNorm does."
             )
 
     return Layer(init=init, apply=apply)

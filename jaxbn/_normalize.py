@@ -1,8 +1,9 @@
-"""Normalization: ``(x - mean) * (scale * rsqrt(var + epsilon)) + bias``.
+"""Normalization: ``((x - shift) - offset) * rsqrt(var + epsilon) * scale + bias``.
 
-The one place where jaxbn applies statistics to x. The mean is subtracted first,
-in float32, in training and evaluation alike: the reassociated ``x * a + b``
-cancels catastrophically when the mean is large compared with the spread.
+The one place where jaxbn applies statistics to x, in training and evaluation
+alike. The mean is subtracted first, in the statistics' dtype (float32, or
+float64 / complex for such input): the reassociated ``x * a + b`` cancels
+catastrophically when the mean is large compared with the spread.
 """
 
 from __future__ import annotations
@@ -10,6 +11,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from ._fusion import scaled
+from ._statistics import mean_dtype
 
 
 def normalize(
@@ -26,14 +30,16 @@ def normalize(
 
     Args:
       x: the input.
-      mean: float32 mean, broadcastable to x with the same rank.
-      var: float32 variance, same shape as ``mean``.
+      mean: the mean (float32 or wider, complex for complex x), broadcastable to
+        x with the same rank.
+      var: the real variance, same shape as ``mean``. An infinite variance (an
+        overflowing batch) gives ``y = bias``.
       scale: optional scale (gamma), same shape as ``mean``.
       bias: optional bias (beta), same shape as ``mean``.
       epsilon: added to the variance.
       dtype: the output dtype.
-      shift: optional float32 per-feature shift; then ``mean`` is the mean of
-        ``x - shift`` and x is centred as ``(x - shift) - mean``, which keeps
+      shift: optional per-feature shift; then ``mean`` is the mean of ``x -
+        shift`` and x is centred as ``(x - shift) - mean``, which keeps
         precision when the mean is large.
 
     Returns:
@@ -47,22 +53,13 @@ def normalize(
       Array([[-1.],
              [ 1.]], dtype=float32)
     """
-    inv_std = lax.rsqrt(var.astype(jnp.float32) + epsilon)
-    multiplier = inv_std if scale is None else inv_std * scale.astype(jnp.float32)
-    xf = x.astype(jnp.float32)
-    if shift is None:
-        y = (xf - mean) * multiplier
-        if bias is not None:
-            y = y + bias.astype(jnp.float32)
-        return y.astype(dtype)
-    # ``mean`` is the small offset of x's mean from ``shift``, so it folds into
-    # the bias without cancellation. The scale is applied on its own: XLA:CPU
-    # writes a full-size broadcast of ``inv_std * scale`` to memory when the
-    # output feeds a reduction (a loss), but broadcasts a parameter in place.
-    y = (xf - shift) * inv_std
-    if scale is not None:
-        y = y * scale.astype(jnp.float32)
-    offset = mean * multiplier
+    compute = jnp.promote_types(mean.dtype, mean_dtype(x.dtype))
+    real = jnp.promote_types(var.dtype, jnp.finfo(compute).dtype)
+    inv_std = lax.rsqrt(var + jnp.asarray(epsilon, real))
+    xc = x.astype(compute)
+    centred = xc - mean if shift is None else (xc - shift) - mean
+    gamma = None if scale is None else scale.astype(real)
+    y = scaled(centred, inv_std, gamma)
     if bias is not None:
-        return (y + (bias.astype(jnp.float32) - offset)).astype(dtype)
-    return (y - offset).astype(dtype)
+        y = y + bias.astype(real)
+    return y.astype(dtype)

@@ -58,17 +58,22 @@ def update_running_stats(
     count, mean, var = (lax.stop_gradient(m) for m in moments)
     finite = jnp.all(jnp.isfinite(mean)) & jnp.all(jnp.isfinite(var))
     accept = finite & jnp.any(count > 0)
-    # Weight 1 where the feature moves, 0 where it keeps its value. Arithmetic
-    # rather than ``where`` keeps the running statistics' sharding (a mesh with
+    d = decay(batch_stats["count"], momentum, warmup)
+    # 1 where the feature moves, 0 where it keeps its value. Arithmetic rather
+    # than ``where`` keeps the running statistics' sharding (a mesh with
     # Explicit axes refuses a select between differently sharded operands).
-    step = (1.0 - decay(batch_stats["count"], momentum, warmup)) * (
-        accept & (count > 0)
-    ).astype(jnp.float32)
+    moves = (accept & (count > 0)).astype(d.dtype)
 
     def moved(old: jax.Array, new: jax.Array) -> jax.Array:
         # A rejected batch may hold NaN or inf: zero them so 0 * new stays 0.
-        new = jnp.nan_to_num(new, nan=0.0, posinf=0.0, neginf=0.0)
-        return old + step * (new - old)
+        new = jnp.nan_to_num(new, nan=0.0, posinf=0.0, neginf=0.0).astype(old.dtype)
+        # ``d * old + (1 - d) * new`` is exact at d = 0 (momentum 0: the
+        # batch's statistics) and at d = 1 (frozen), unlike ``old + (1 - d) *
+        # (new - old)``; with weight 0 or 1 the blend is exact too.
+        dd = d.astype(old.real.dtype)
+        blend = dd * old + (1.0 - dd) * new
+        w = moves.astype(old.real.dtype)
+        return (1.0 - w) * old + w * blend
 
     return {
         "mean": moved(batch_stats["mean"], mean),

@@ -1,44 +1,64 @@
-"""Batch statistics: per-feature count, mean and biased variance, in float32.
+"""Batch statistics: per-feature count, mean and biased variance.
 
 This is the one place where jaxbn reduces x over the batch. It keeps the count of
 values behind each feature's statistics so that every merge (across devices,
 masked entries) weights by counts, never averaging means.
 
-Locally, one fused pass over x gives per feature the sums of ``x - shift`` and
-``(x - shift)**2``, where the shift is one of the feature's own batch values (the
-first; the running mean where that one is masked). Near the data, ``x - shift``
-is exact and the single-pass variance ``s2/n - (s1/n)**2`` loses nothing to
-cancellation; where the offset ``s1/n`` is still large against the spread (a
-fallback shift far from the data), a second pass around ``shift + s1/n`` redoes
-the sums (a ``lax.cond``, free when not taken). The unshifted ``E[x^2] - E[x]^2``
-is never formed. Across devices (``axis_name``) every device uses the same
-shift, the replicated running mean, so one all-reduce of the per-feature
-``(count, s1, s2)`` gives the global statistics, weighted by counts; when that
-shift is far from the data, the re-centring pass (and its all-reduce) runs
-around the global mean just found.
+The design, the same for one device and for many:
+
+1. One fused pass over x gives, per feature, the sums of ``d = x - shift`` and
+   ``|d|**2`` over the valid entries, around a ``shift`` that every device
+   shares and that does not depend on the batch's order: the running mean.
+   Across devices (``axis_name``) one all-reduce of ``(count, s1, s2)`` gives
+   the global sums.
+2. With ``offset = s1/n``, the variance is ``s2/n - |offset|**2``. It loses
+   ``log2(1 + |offset|**2 / var)`` bits to cancellation, so when any feature's
+   ``|offset|**2`` exceeds ``var`` (plus the float resolution of the shift
+   itself) the pass is redone around ``shift + offset`` (a ``lax.while_loop``,
+   free when not taken, at most twice; its predicate is the same on every
+   device). The result loses at most about one bit against an exact two-pass
+   computation, whatever the order of the batch, and ``E[x^2] - E[x]^2`` is
+   never formed.
+
+The statistics are computed in float32, or float64 for float64 input; complex
+input has a complex mean and the real variance ``E|x - mean|^2``. Their
+derivatives are given in closed form (a ``jax.custom_jvp`` whose tangent rule
+is linear, so JAX transposes it for reverse mode and differentiates it again
+for higher orders); the passes themselves are never differentiated.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Hashable, Sequence
+from functools import partial
 from typing import Any, NamedTuple, overload
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
-from jax.sharding import PartitionSpec as P
+from jax.ad_checkpoint import checkpoint_name
+
+from ._fusion import shifted_pair
 
 AxisName = Hashable | tuple[Hashable, ...]
+
+# Name of the per-feature statistics that a training step saves for its
+# backward pass (``jax.checkpoint`` policy); everything full-size is recomputed.
+SAVED = "jaxbn_statistics"
+# Re-centre while |offset|**2 > _RECENTRE * var (+ resolution): at most one bit.
+_RECENTRE = 1.0
+_MAX_RECENTRES = 2
 
 
 class Moments(NamedTuple):
     """Per-feature batch statistics, each shaped like x with size-1 batch axes.
 
     Attributes:
-      count: number of values behind each feature (float32; 0 where all masked).
-      mean: the batch mean (float32).
-      var: the biased batch variance (float32, never negative).
+      count: number of values behind each feature (0 where all are masked).
+      mean: the batch mean (complex for complex x).
+      var: the biased batch variance (real, never negative).
     """
 
     count: jax.Array
@@ -49,10 +69,11 @@ class Moments(NamedTuple):
 class ShiftedMoments(NamedTuple):
     """``Moments`` with the mean kept as ``shift + offset`` for accuracy.
 
-    ``shift`` is one of the batch's own values per feature (no gradient), so
-    ``x - shift`` is exact for x near the mean and ``offset`` is small: the
-    normalization ``(x - shift) - offset`` then keeps the precision that a
-    rounded float32 mean of, say, ``1e6 + N(0, 1)`` would lose.
+    ``shift`` is the running mean, moved to ``shift + offset`` by re-centring
+    passes (no gradient), so ``x - shift`` is exact for x near the mean and
+    ``offset`` is small: the normalization ``(x - shift) - offset`` keeps the
+    precision that a rounded float32 mean of, say, ``1e6 + N(0, 1)`` would
+    lose.
     """
 
     count: jax.Array
@@ -61,15 +82,34 @@ class ShiftedMoments(NamedTuple):
     var: jax.Array
 
 
+def real_dtype(dtype: Any) -> np.dtype:
+    """The dtype of the statistics' count and variance for input ``dtype``."""
+    wide = jnp.dtype(dtype) in (jnp.dtype(jnp.float64), jnp.dtype(jnp.complex128))
+    return jnp.dtype(jnp.float64 if wide else jnp.float32)
+
+
+def mean_dtype(dtype: Any) -> np.dtype:
+    """The dtype of the mean for input ``dtype`` (complex for complex input)."""
+    real = real_dtype(dtype)
+    if jnp.issubdtype(dtype, jnp.complexfloating):
+        return jnp.dtype(jnp.complex128 if real == jnp.float64 else jnp.complex64)
+    return real
+
+
+def abs2(z: jax.Array) -> jax.Array:
+    """``|z|**2``, real, without a square root."""
+    if jnp.issubdtype(z.dtype, jnp.complexfloating):
+        return z.real * z.real + z.imag * z.imag
+    return z * z
+
+
 def psum_in_groups(x: jax.Array, axis_name: AxisName, groups: Any) -> jax.Array:
     """``lax.psum`` over ``axis_name``, within ``groups`` if given: one all-reduce.
 
     ``jax.shard_map`` and ``jax.vmap`` (unlike ``jax.pmap``) do not implement
-    ``axis_index_groups``, and inside ``lax.cond`` under ``jax.vmap`` the failure
-    would come too late to catch; so everywhere each device puts its value in
-    its group's row of a zero table, one ungrouped psum fills every row, and
-    each device reads its own group's row back. Needs no axis size, so it also
-    serves backward passes (``devices_in_axis`` has checked the groups).
+    ``axis_index_groups``, so everywhere each device puts its value in its
+    group's row of a zero table, one ungrouped psum fills every row, and each
+    device reads its own group's row back.
     """
     if groups is None:
         return lax.psum(x, axis_name)
@@ -83,6 +123,25 @@ def psum_in_groups(x: jax.Array, axis_name: AxisName, groups: Any) -> jax.Array:
     return lax.psum(table, axis_name)[mine]
 
 
+def psum_parts(parts: list[jax.Array], axis_name: Any, groups: Any) -> list:
+    """Sums same-shaped per-feature arrays across devices in one all-reduce."""
+    real = [p for a in parts for p in ((a.real, a.imag) if _is_complex(a) else (a,))]
+    summed = psum_in_groups(jnp.stack(real), axis_name, groups)
+    out, i = [], 0
+    for a in parts:
+        if _is_complex(a):
+            out.append(lax.complex(summed[i], summed[i + 1]))
+            i += 2
+        else:
+            out.append(summed[i])
+            i += 1
+    return out
+
+
+def _is_complex(a: jax.Array) -> bool:
+    return jnp.issubdtype(a.dtype, jnp.complexfloating)
+
+
 def _varying(a: jax.Array) -> frozenset:
     manual = getattr(jax.typeof(a), "mat", None)
     return frozenset() if manual is None else frozenset(manual.varying)
@@ -93,71 +152,109 @@ def varying_as(a: jax.Array, ref: jax.Array) -> jax.Array: ...
 @overload
 def varying_as(a: None, ref: jax.Array) -> None: ...
 def varying_as(a: jax.Array | None, ref: jax.Array) -> jax.Array | None:
-    """``a`` marked as varying over the ``jax.shard_map`` axes that ref varies over.
-
-    Needed where values of both kinds must have one type (the branches of a
-    ``lax.cond``; a custom VJP whose cotangents are typed like x). Under
-    ``jax.vmap`` or outside ``shard_map`` nothing varies and ``a`` is returned.
-    """
+    """``a`` marked as varying over the ``jax.shard_map`` axes that ref varies over."""
     if a is None:
         return None
     missing = tuple(sorted(_varying(ref) - _varying(a), key=str))
     return lax.pcast(a, missing, to="varying") if missing else a
 
 
-def _first_values(x: jax.Array, reduction_axes: tuple[int, ...]) -> jax.Array:
-    """X at index 0 of every reduction axis, with x's rank.
-
-    Under a mesh with Explicit axes, slicing a batch axis that is sharded is not
-    allowed directly; the slice then runs under ``auto_axes`` (one row moves).
-    """
-    index = tuple(
-        slice(0, 1) if i in reduction_axes else slice(None) for i in range(x.ndim)
-    )
-    spec = tuple(getattr(getattr(jax.typeof(x), "sharding", None), "spec", ()) or ())
-    spec = spec + (None,) * (x.ndim - len(spec))
-    if not any(spec[i] is not None for i in reduction_axes):
-        return x[index]
-    out = P(*(None if i in reduction_axes else s for i, s in enumerate(spec)))
-    take_first = jax.sharding.auto_axes(lambda x: x[index], out_sharding=out)
-    return take_first(x)  # pyright: ignore[reportReturnType]
-
-
-# A second pass is taken when offset**2 > _RECENTRE * var for some feature: the
-# single-pass variance then loses about log2(_RECENTRE) bits to cancellation.
-_RECENTRE = 64.0
-
-
-def _kept_shape(shape: tuple[int, ...], reduction_axes: tuple[int, ...]) -> tuple:
-    return tuple(1 if i in reduction_axes else d for i, d in enumerate(shape))
+def _kept_shape(shape: tuple[int, ...], axes: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(1 if i in axes else d for i, d in enumerate(shape))
 
 
 def _count(x: jax.Array, mask: jax.Array | None, axes: tuple[int, ...]) -> jax.Array:
-    """Valid values per feature (float32), without broadcasting the mask to x."""
+    """Valid values per feature, without broadcasting the mask to x."""
     kept = _kept_shape(x.shape, axes)
+    dtype = real_dtype(x.dtype)
     if mask is None:
-        return jnp.full(kept, math.prod(x.shape[a] for a in axes), jnp.float32)
+        return jnp.full(kept, math.prod(x.shape[a] for a in axes), dtype)
     repeats = math.prod(x.shape[a] for a in axes if mask.shape[a] == 1)
-    count = jnp.sum(mask, axis=axes, keepdims=True, dtype=jnp.float32)
-    return jnp.broadcast_to(count * jnp.float32(repeats), kept)
+    count = jnp.sum(mask, axis=axes, keepdims=True, dtype=dtype)
+    return jnp.broadcast_to(count * jnp.asarray(repeats, dtype), kept)
 
 
-def _shifted_sums(
-    x: jax.Array, mask: jax.Array | None, shift: jax.Array, axes: tuple[int, ...]
-) -> tuple[jax.Array, jax.Array]:
-    """Sums of ``x - shift`` and its square over the valid entries.
+class _Config(NamedTuple):
+    """Static (hashable) settings of one statistics call."""
 
-    The two reductions get distinct producers (``x + (-shift)`` and ``x -
-    shift``): XLA:CPU writes a producer shared by two reductions to memory,
-    while an unshared one fuses into its reduction, which then reads only x.
-    """
-    xf = x.astype(jnp.float32)
-    d1 = xf + (-shift)
-    d2 = xf - shift
+    axes: tuple[int, ...]
+    axis_name: Any
+    groups: tuple[tuple[int, ...], ...] | None
+
+
+def _passes(cfg: _Config, x: jax.Array, mask: Any, shift: jax.Array) -> ShiftedMoments:
+    """The sums and re-centring passes; never differentiated."""
+    xs = x.astype(mean_dtype(x.dtype))
+    local_count = _count(x, mask, cfg.axes)
+
+    def one_pass(shift: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        d1, d2 = shifted_pair(xs, shift)
+        d2 = abs2(d2)
+        if mask is not None:
+            d1 = jnp.where(mask, d1, jnp.zeros((), d1.dtype))
+            d2 = jnp.where(mask, d2, jnp.zeros((), d2.dtype))
+        s1 = jnp.sum(d1, cfg.axes, keepdims=True)
+        s2 = jnp.sum(d2, cfg.axes, keepdims=True)
+        # Typed like the sums (sharding, shard_map variance), for selects.
+        count = local_count + jnp.zeros_like(s2)
+        if cfg.axis_name is not None:
+            count, s1, s2 = psum_parts([count, s1, s2], cfg.axis_name, cfg.groups)
+        safe = jnp.maximum(count, 1.0)
+        offset = s1 / safe
+        var = jnp.maximum(s2 / safe - abs2(offset), 0.0)
+        return count, offset, var
+
+    count, offset, var = one_pass(shift)
+    # The same type as offset (sharding, shard_map variance) for the loop.
+    shift = shift + jnp.zeros_like(offset)
+    resolution = (4.0 * float(jnp.finfo(var.dtype).eps)) ** 2
+
+    def far(state: tuple) -> jax.Array:
+        i, _, shift, offset, var = state
+        worse = jnp.any(abs2(offset) > _RECENTRE * var + resolution * abs2(shift))
+        if cfg.groups is not None:
+            # Each group has its own statistics; every device must still take
+            # the same number of passes, since each pass has an all-reduce.
+            worse = lax.pmax(worse.astype(jnp.int32), cfg.axis_name) > 0
+        return (i < _MAX_RECENTRES) & worse
+
+    def recentre(state: tuple) -> tuple:
+        i, _, shift, offset, _ = state
+        shift = shift + offset
+        count, offset, var = one_pass(shift)
+        return i + 1, count, shift, offset, var
+
+    state = (jnp.int32(0), count, shift, offset, var)
+    _, count, shift, offset, var = lax.while_loop(far, recentre, state)
+    return ShiftedMoments(count, shift, offset, var)
+
+
+@partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _moments(cfg: _Config, x: jax.Array, mask: Any, shift: jax.Array) -> ShiftedMoments:
+    return _passes(cfg, x, mask, shift)
+
+
+@_moments.defjvp
+def _moments_jvp(cfg: _Config, primals: tuple, tangents: tuple) -> tuple:
+    x, mask, shift = primals
+    dx = tangents[0]
+    m = ShiftedMoments(*(checkpoint_name(a, SAVED) for a in _moments(cfg, x, mask, shift)))
+    dtype = m.shift.dtype
+    t = dx.astype(dtype)
+    centred = (x.astype(dtype) - m.shift) - m.offset
+    dvar_terms = centred * t if not _is_complex(t) else (jnp.conj(centred) * t).real
     if mask is not None:
-        d1 = jnp.where(mask, d1, 0.0)  # NaN under False reaches no sum
-        d2 = jnp.where(mask, d2, 0.0)
-    return jnp.sum(d1, axes, keepdims=True), jnp.sum(d2 * d2, axes, keepdims=True)
+        t = jnp.where(mask, t, jnp.zeros((), t.dtype))
+        dvar_terms = jnp.where(mask, dvar_terms, jnp.zeros((), dvar_terms.dtype))
+    sum_t = jnp.sum(t, cfg.axes, keepdims=True)
+    sum_ct = jnp.sum(dvar_terms, cfg.axes, keepdims=True)
+    if cfg.axis_name is not None:
+        sum_t, sum_ct = psum_parts([sum_t, sum_ct], cfg.axis_name, cfg.groups)
+    safe = jnp.maximum(m.count, 1.0)
+    tangent = ShiftedMoments(
+        jnp.zeros_like(m.count), jnp.zeros_like(m.shift), sum_t / safe, 2.0 * sum_ct / safe
+    )
+    return m, tangent
 
 
 def shifted_moments(
@@ -166,63 +263,33 @@ def shifted_moments(
     mask: jax.Array | None = None,
     axis_name: AxisName | None = None,
     axis_index_groups: Sequence[Sequence[int]] | None = None,
-    fallback_shift: jax.Array | None = None,
+    shift: jax.Array | None = None,
 ) -> ShiftedMoments:
     """The statistics of :func:`batch_moments`, mean split as ``shift + offset``.
 
     Args:
-      x: the input, any floating dtype.
+      x: the input, any floating or complex dtype.
       reduction_axes: the batch axes.
       mask: optional boolean array of x's rank, broadcastable to x.
       axis_name: optional named axis (or tuple) to merge the statistics over.
       axis_index_groups: optional groups of indices along ``axis_name``.
-      fallback_shift: float32 shift where a feature's first value is masked (the
-        running mean), x's rank with size-1 batch axes; default 0.
+      shift: the starting shift (the running mean), x's rank with size-1 batch
+        axes; default 0. It must be the same on every device of ``axis_name``.
 
     Returns:
-      ``ShiftedMoments`` (no gradient flows through the shift) with x's rank and
-      size 1 along ``reduction_axes``; global when ``axis_name`` is given.
+      ``ShiftedMoments`` with x's rank and size 1 along ``reduction_axes``;
+      global when ``axis_name`` is given. ``offset`` and ``var`` carry the
+      exact derivatives of the mean and variance; count and shift carry none.
     """
-    axes = tuple(reduction_axes)
+    axes = tuple(sorted(int(a) for a in reduction_axes))
+    groups = None
+    if axis_index_groups is not None:
+        groups = tuple(tuple(int(i) for i in g) for g in axis_index_groups)
     kept = _kept_shape(x.shape, axes)
-    fallback = 0.0 if fallback_shift is None else fallback_shift
-    if axis_name is None:
-        shift = _first_values(x, axes).astype(jnp.float32)
-        if mask is not None:
-            shift = jnp.where(_first_values(mask, axes), shift, fallback)
-    else:
-        # One shift for every device (the replicated running mean), so that a
-        # single all-reduce of (count, s1, s2) gives the global statistics.
-        shift = jnp.zeros(kept, jnp.float32) + fallback
-    shift = lax.stop_gradient(jnp.broadcast_to(shift, kept))
-    local_count = _count(x, mask, axes)
-
-    def single_pass(shift: jax.Array) -> tuple[jax.Array, ...]:
-        s1, s2 = _shifted_sums(x, mask, shift, axes)
-        count = local_count
-        if axis_name is not None:
-            sums = jnp.stack([local_count, s1, s2])
-            count, s1, s2 = psum_in_groups(sums, axis_name, axis_index_groups)
-        safe_count = jnp.maximum(count, 1.0)
-        offset = s1 / safe_count
-        var = jnp.maximum(s2 / safe_count - offset * offset, 0.0)
-        return count, varying_as(shift, offset), offset, var
-
-    count, shift, offset, var = single_pass(shift)
-    # Where the shift was far from the data (a masked first value; across
-    # devices, a running mean that lags), redo the sums around ``shift +
-    # offset``: a lax.cond, free when not taken, whose predicate is the same on
-    # every device.
-    count, shift, offset, var = lax.cond(
-        jnp.any(offset * offset > _RECENTRE * var),
-        lambda n, s, o, v: single_pass(lax.stop_gradient(s + o)),
-        lambda n, s, o, v: (n, s, o, v),
-        count,
-        shift,
-        offset,
-        var,
-    )
-    return ShiftedMoments(count, shift, offset, var)
+    start = jnp.zeros(kept, mean_dtype(x.dtype))
+    if shift is not None:
+        start = start + shift.astype(start.dtype)
+    return _moments(_Config(axes, axis_name, groups), x, mask, lax.stop_gradient(start))
 
 
 def batch_moments(
@@ -235,17 +302,19 @@ def batch_moments(
     """Computes the per-feature count, mean and biased variance of ``x``.
 
     Args:
-      x: the input, any floating dtype; statistics are computed in float32.
+      x: the input, any floating or complex dtype; statistics are computed in
+        float32, or float64 for float64 input.
       reduction_axes: the batch axes to reduce over.
-      mask: optional boolean array of x's shape; False entries are ignored (they
-        may hold NaN).
+      mask: optional boolean array of x's rank broadcastable to x; False
+        entries are ignored (they may hold NaN).
       axis_name: optional named axis (or tuple of names) of ``jax.vmap``,
         ``jax.shard_map`` or ``jax.pmap`` to synchronize the statistics over.
       axis_index_groups: optional groups of indices along ``axis_name``; each
         group gets its own statistics.
 
     Returns:
-      ``Moments`` with x's rank and size 1 along ``reduction_axes``.
+      ``Moments`` with x's rank and size 1 along ``reduction_axes``;
+      differentiable (mean and variance) in forward and reverse mode.
 
     Examples:
       >>> import jax.numpy as jnp

@@ -118,18 +118,37 @@ def check_float_dtype(name: str, dtype: Any, allow_none: bool) -> Any:
 
 
 def check_x(x: Any) -> None:
-    """Checks that ``x`` is a real floating array (or ShapeDtypeStruct)."""
+    """Checks that ``x`` is a floating or complex array (or ShapeDtypeStruct)."""
     if not hasattr(x, "shape") or not hasattr(x, "dtype"):
         raise TypeError(
             f"x must be a jax.Array or jax.ShapeDtypeStruct, got {type(x).__name__}; "
             "wrap Python data with jnp.asarray."
         )
-    if not jnp.issubdtype(x.dtype, jnp.floating):
+    if not jnp.issubdtype(x.dtype, jnp.inexact):
         raise TypeError(
-            f"x has dtype {x.dtype}, but batch norm needs real floating input "
-            "(float32, bfloat16, float16 or float64); convert with "
-            "x.astype(jnp.float32)."
+            f"x has dtype {x.dtype}, but batch norm needs floating or complex "
+            "input (float32, bfloat16, float16, float64, complex64 or "
+            "complex128); convert with x.astype(jnp.float32)."
         )
+
+
+def stats_spec(
+    feature_shape: tuple[int, ...], x_dtype: Any
+) -> dict[str, tuple[tuple[int, ...], tuple[Any, ...]]]:
+    """Shapes and accepted dtypes of ``batch_stats`` for x of ``x_dtype``.
+
+    The statistics are kept in float32 or float64 (``init`` picks float64 for
+    float64 x); the mean is complex for complex x, the variance always real.
+    """
+    if jnp.issubdtype(x_dtype, jnp.complexfloating):
+        means = (jnp.dtype(jnp.complex64), jnp.dtype(jnp.complex128))
+    else:
+        means = (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64))
+    return {
+        "mean": (feature_shape, means),
+        "var": (feature_shape, (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64))),
+        "count": ((), (jnp.dtype(jnp.int32),)),
+    }
 
 
 def check_train(train: Any) -> bool | jax.Array:
@@ -161,7 +180,7 @@ def _feature_phrase(feature_shape: tuple[int, ...], axes: Axes, axis: Any) -> st
 def check_mapping(
     name: str,
     tree: Any,
-    expected: Mapping[str, tuple[tuple[int, ...], Any]],
+    expected: Mapping[str, tuple[tuple[int, ...], Any]],  # dtype or tuple
     feature_shape: tuple[int, ...],
     axes: Axes,
     axis: Any,
@@ -172,7 +191,7 @@ def check_mapping(
     Args:
       name: "params" or "batch_stats", for the message.
       tree: the mapping given by the user.
-      expected: key -> (shape, dtype) expected.
+      expected: key -> (shape, dtype or tuple of accepted dtypes) expected.
       feature_shape: shape of the features of x.
       axes: normalized feature axes.
       axis: the axis as given, for the message.
@@ -205,31 +224,39 @@ def check_mapping(
                 "init on a different input?"
             )
         leaf_dtype = jnp.result_type(leaf)
+        accepted = dtype if isinstance(dtype, tuple) else (jnp.dtype(dtype),)
         ok = (
-            leaf_dtype == dtype
+            leaf_dtype in accepted
             if exact_dtype or key == "count"
             else jnp.issubdtype(leaf_dtype, jnp.floating)
         )
         if not ok:
+            names = " or ".join(str(d) for d in accepted)
             raise TypeError(
-                f"{name}[{key!r}] has dtype {leaf_dtype} but {jnp.dtype(dtype)} is "
-                "expected; running statistics are kept in float32 and count in "
-                "int32 whatever the input dtype. Use the state returned by init."
+                f"{name}[{key!r}] has dtype {leaf_dtype} but {names} is expected; "
+                "running statistics are kept in float32 (float64 for float64 x, "
+                "a complex mean for complex x) and count in int32 whatever the "
+                "input dtype. Use the state returned by init on such an x."
             )
 
 
-def check_mask(mask: Any, x_shape: tuple[int, ...]) -> None:
-    """Checks that ``mask`` is boolean and broadcastable to ``x_shape``."""
+def check_mask(mask: Any, x_shape: tuple[int, ...]) -> jax.Array:
+    """Checks that ``mask`` is boolean and broadcasts to ``x_shape``.
+
+    Returns:
+      The mask as an array of x's rank (leading size-1 axes added, NumPy's
+      broadcasting rule), not broadcast to x.
+    """
     if not hasattr(mask, "dtype") or mask.dtype != jnp.bool_:
         raise TypeError(
             f"mask must be a boolean array broadcastable to x, got "
             f"{getattr(mask, 'dtype', type(mask).__name__)}; build it with a "
             "comparison, e.g. mask = lengths[:, None] > jnp.arange(T)."
         )
-    if np.ndim(mask) != len(x_shape):
+    if np.ndim(mask) > len(x_shape):
         raise ValueError(
-            f"mask has shape {mask.shape} but x has shape {x_shape}; give mask the "
-            "same number of dimensions as x (use size-1 dimensions to broadcast, "
+            f"mask has shape {mask.shape}, more dimensions than x of shape "
+            f"{x_shape}; the mask must broadcast to x (use size-1 dimensions, "
             "e.g. mask[:, None, None, None] for a per-example mask of NHWC x)."
         )
     try:
@@ -244,3 +271,5 @@ def check_mask(mask: Any, x_shape: tuple[int, ...]) -> None:
             f"mask of shape {mask.shape} would enlarge x of shape {x_shape}; "
             "the mask must broadcast to x, not the other way round."
         )
+    mask = jnp.asarray(mask)
+    return mask.reshape((1,) * (len(x_shape) - mask.ndim) + tuple(mask.shape))

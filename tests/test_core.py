@@ -310,15 +310,3 @@ def test_non_finite_batch_leaves_statistics_unchanged():
     for k in stats:
         np.testing.assert_array_equal(after[k], stats[k])
 
-
-def test_forward_mode_autodiff_documented_limitation():
-    """Training is a custom VJP: jvp raises (README, Known limitations); eval works."""
-    layer = jaxbn.batch_norm()
-    x = jnp.asarray(data((4, 2), seed=19))
-    params, stats = layer.init(x)
-    with pytest.raises(TypeError, match="forward-mode autodiff"):
-        jax.jvp(lambda x: layer.apply(params, stats, x, train=True)[0], (x,), (x,))
-    _, tangent = jax.jvp(
-        lambda x: layer.apply(params, stats, x, train=False)[0], (x,), (x,)
-    )
-    assert tangent.shape == x.shape

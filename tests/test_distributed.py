@@ -343,11 +343,16 @@ def _all_reduces(compiled_text: str | None) -> int:
 
 
 def _conditional_all_reduces(compiled_text: str | None) -> int:
-    """All-reduces inside the branches of a conditional (run only when taken)."""
+    """All-reduces in conditional code: a conditional's branches or a while body.
+
+    The statistics' re-centring passes are a while loop whose body runs only
+    while the shift is far from the batch mean.
+    """
     assert compiled_text is not None
     branches = set()
     for names in re.findall(r"branch_computations=\{([^}]*)\}", compiled_text):
         branches |= {n.strip().lstrip("%") for n in names.split(",")}
+    branches |= set(re.findall(r"body=%?([\w.\-]+)", compiled_text))
     count, current = 0, None
     for line in compiled_text.splitlines():
         header = re.match(r"^(?:ENTRY )?%?([\w.\-]+) ", line)
@@ -411,7 +416,7 @@ def test_collective_counts_in_compiled_hlo():
         f"training step {n_step} ({c_step} conditional)"
     )
     # Forward: one all-reduce of (count, s1, s2) around the replicated running
-    # mean, plus one inside the re-centring branch, run only when that shift is
+    # mean, plus one inside the re-centring loop, run only while that shift is
     # far from the data (the first steps of a layer whose inputs have a large mean).
     assert (n_forward, c_forward) == (1 + 1, 1)
     # A training step runs at most two: the forward's and the backward's

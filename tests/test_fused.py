@@ -41,6 +41,7 @@ def fused(
         scale,
         bias,
         fallback,
+        jnp.ones(kept, jnp.float32),
         reduction_axes=axes,
         epsilon=EPS,
         dtype=x.dtype if dtype is None else dtype,
@@ -423,12 +424,12 @@ def test_shard_map_on_eight_devices_matches_global_batch():
 # -- the layer uses the fused path ------------------------------------------
 
 
-def test_layer_training_uses_the_custom_vjp():
+def test_layer_training_uses_the_custom_jvp():
     layer = jaxbn.batch_norm(axis=(1, 2))
     x, *_ = inputs((6, 3, 7), (0,), jnp.float32)
     params, stats = layer.init(x)
     jaxpr = jax.make_jaxpr(lambda p, x: layer.apply(p, stats, x, train=True))(params, x)
-    assert "custom_vjp_call" in str(jaxpr)
+    assert "custom_jvp_call" in str(jaxpr)
 
 
 @settings(max_examples=8, deadline=None)
