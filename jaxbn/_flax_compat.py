@@ -13,7 +13,7 @@ Where Flax and the core differ, the adapters behave like Flax:
   variables are exactly Flax's) and is stored as float32, so that
   differentiating a whole module (``nnx.grad(..., graph=False)``,
   ``jax.grad`` over all variables) never meets an integer leaf. float32 counts
-  exactly up to ``2**24`` updates and then stays there, far past any warm-up.
+  exactly up to ``2**24`` updates, far past any warm-up.
 """
 
 from __future__ import annotations
@@ -28,14 +28,15 @@ import numpy as np
 from . import _validation as v
 from ._layer import BatchStats, Layer, batch_norm
 
-# dtype of the adapters' ``count`` variable (the core counts in int32).
+# dtype of the adapters' ``count`` variable (the core counts in int32). float32
+# counts exactly up to 2**24 updates and stays there (2**24 + 1 rounds back),
+# which changes nothing: the decay is then ``momentum`` for momentum < 1 - 6e-7.
 COUNT_DTYPE = jnp.float32
-# Largest count float32 holds exactly; updates beyond it leave count there.
-MAX_COUNT = 2**24
 # Count given to running statistics trained without jaxbn (Flax checkpoints):
-# far past any warm-up (the decay is then min(momentum, 1 - 5.4e-7)), so the
-# decay is ``momentum`` as in Flax.
-CONVERGED_COUNT = MAX_COUNT
+# far past any warm-up, so the decay is ``momentum`` as in Flax, and 2**30 more
+# updates fit in the core's int32 before ``count`` could overflow. A power of
+# two, so float32 holds it exactly.
+CONVERGED_COUNT = 2**30
 
 
 def core_layer(module: Any, dtype: Any, *, initializing: bool = False) -> Layer:
@@ -60,18 +61,8 @@ def core_layer(module: Any, dtype: Any, *, initializing: bool = False) -> Layer:
         axis_index_groups=None if initializing else module.axis_index_groups,
         dtype=dtype if dtype is None or not _is_complex(dtype) else None,
         param_dtype=module.param_dtype,
-        **_ONE_VALUE,
+        allow_one_value=True,
     )
-
-
-# TEMPORARY until the core's allow_one_value lands on main.
-import inspect as _inspect  # noqa: E402
-
-_ONE_VALUE: dict[str, Any] = (
-    {"allow_one_value": True}
-    if "allow_one_value" in _inspect.signature(batch_norm).parameters
-    else {}
-)
 
 
 def as_inexact(x: Any) -> Any:
@@ -113,24 +104,25 @@ def core_stats(mean: jax.Array, var: jax.Array, count: Any, x_dtype: Any) -> Bat
     """
     if _is_complex(x_dtype) and not _is_complex(mean.dtype):
         mean = mean.astype(jnp.promote_types(mean.dtype, jnp.complex64))
-    return {
-        "mean": mean,
-        "var": var,
-        "count": jnp.asarray(count, COUNT_DTYPE).astype(jnp.int32),
-    }
+    # Clipped so that a float32 count rounded up past int32 cannot overflow.
+    count = jnp.minimum(jnp.asarray(count, COUNT_DTYPE), float(CONVERGED_COUNT))
+    return {"mean": mean, "var": var, "count": count.astype(jnp.int32)}
 
 
 def stored_count(count: jax.Array) -> jax.Array:
     """The core's int32 count as the adapters store it (float32)."""
-    return jnp.minimum(count, MAX_COUNT).astype(COUNT_DTYPE)
+    return count.astype(COUNT_DTYPE)
 
 
 def initial_stats(features: tuple[int, ...]) -> BatchStats:
-    """The initial ``mean`` and ``var`` for the given feature shape (float32)."""
-    return {
-        "mean": jnp.zeros(features, jnp.float32),  # shape=features, f32
-        "var": jnp.ones(features, jnp.float32),  # shape=features, f32
-    }
+    """The core's initial ``batch_stats`` for the given feature shape.
+
+    ``mean`` and ``var`` are float32, ``count`` an int32 scalar (the Flax
+    adapters keep their own float32 count, and only with warm-up).
+    """
+    axes = tuple(range(1, 1 + len(features)))
+    spec = jax.ShapeDtypeStruct((2, *features), jnp.float32)
+    return batch_norm(axis=axes).init(spec)[1]
 
 
 def train_flag(use_running_average: Any) -> bool | jax.Array:
@@ -160,13 +152,13 @@ def converged(
 
 
 def check_count(count: Any) -> int:
-    """Checks a count given for converged statistics: an int in [0, 2**24]."""
+    """Checks a count given for converged statistics: an int in [0, 2**31 - 2]."""
     if isinstance(count, bool) or not isinstance(count, int):
         raise TypeError(f"count must be a Python int, got {count!r}.")
-    if not 0 <= count <= MAX_COUNT:
+    if not 0 <= count < 2**31 - 1:
         raise ValueError(
-            f"count={count} does not fit the float32 counter exactly; use a value "
-            f"in [0, {MAX_COUNT}] (2**24), e.g. the default {CONVERGED_COUNT}, "
-            "which marks the statistics as converged."
+            f"count={count} does not fit an int32 counter that is still to be "
+            f"incremented; use a value in [0, {2**31 - 2}], e.g. the default "
+            f"{CONVERGED_COUNT}."
         )
     return count

@@ -90,7 +90,7 @@ class BatchNorm(nn.Module):
       (Array([ 1.8, 18. ], dtype=float32), Array(1., dtype=float32))
       >>> flax_like = jaxbn.linen.BatchNorm(use_running_average=False, warmup=False)
       >>> flax_vars = flax_like.init(jax.random.key(0), x)
-      >>> {name: sorted(flax_vars[name]) for name in flax_vars}
+      >>> {name: sorted(flax_vars[name]) for name in sorted(flax_vars)}
       {'batch_stats': ['mean', 'var'], 'params': ['bias', 'scale']}
     """
 
@@ -228,7 +228,7 @@ def from_flax_variables(
     variables are Flax's as they are. Adds ``count`` (float32) to every
     ``batch_stats`` entry that has ``mean`` and ``var`` but no ``count``, and
     leaves everything else as it is (an existing ``count`` is kept). The
-    default count, :data:`CONVERGED_COUNT` (``2**24``),
+    default count, :data:`CONVERGED_COUNT` (``2**30``),
     marks the statistics as converged: warm-up is over and the decay is
     ``momentum`` from the first step, as in Flax, so fine-tuning does not
     overwrite pretrained statistics with the first batch's. Pass ``count=0``
@@ -237,7 +237,7 @@ def from_flax_variables(
     Args:
       variables: the variable dict of the Flax model, with a ``batch_stats``
         collection (e.g. restored from a checkpoint).
-      count: the count to record, an int in ``[0, 2**24]``.
+      count: the count to record, an int in ``[0, 2**31 - 2]``.
 
     Returns:
       A new variable dict; the input is not modified.
@@ -255,7 +255,7 @@ def from_flax_variables(
       >>> old = nn.BatchNorm(use_running_average=True).init(jax.random.key(0), x)
       >>> variables = jaxbn.linen.from_flax_variables(old)
       >>> variables["batch_stats"]["count"]
-      Array(16777216., dtype=float32)
+      Array(1.0737418e+09, dtype=float32)
       >>> model = jaxbn.linen.BatchNorm(use_running_average=True)
       >>> model.apply(variables, x).shape
       (4, 3)

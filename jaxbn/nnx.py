@@ -259,7 +259,7 @@ def _store(variable: nnx.BatchStat, value: jax.Array) -> None:
     """
     value = value.reshape(variable.shape)
     if jnp.iscomplexobj(value) and not jnp.iscomplexobj(variable[...]):
-        variable.value = value
+        variable.set_value(value)
     else:
         variable[...] = value.astype(variable.dtype)
 
@@ -272,13 +272,13 @@ def mark_converged(module: nnx.Module, count: int = CONVERGED_COUNT) -> None:
     Use it after loading statistics trained with ``flax.nnx.BatchNorm`` (which
     have no ``count``) into a model built with jaxbn, e.g. with
     ``nnx.update(model, flax_state)``: it sets every ``count`` to
-    :data:`CONVERGED_COUNT` (``2**24``), so warm-up is over and the decay is
+    :data:`CONVERGED_COUNT` (``2**30``), so warm-up is over and the decay is
     ``momentum`` from the first step, as in Flax, and fine-tuning does not
     overwrite pretrained statistics with the first batch's.
 
     Args:
       module: the model, changed in place.
-      count: the count to set, an int in ``[0, 2**24]``.
+      count: the count to set, an int in ``[0, 2**31 - 2]``.
 
     Raises:
       TypeError, ValueError: if ``count`` is not such an int.
@@ -289,7 +289,7 @@ def mark_converged(module: nnx.Module, count: int = CONVERGED_COUNT) -> None:
       >>> bn = jaxbn.nnx.BatchNorm(3, rngs=nnx.Rngs(0))
       >>> jaxbn.nnx.mark_converged(bn)
       >>> bn.count[...]
-      Array(16777216., dtype=float32)
+      Array(1.0737418e+09, dtype=float32)
     """
     count = compat.check_count(count)
     for _, child in nnx.iter_modules(module):
