@@ -3,8 +3,7 @@
 Replace ``nn.BatchNorm`` with ``jaxbn.linen.BatchNorm`` and keep the rest of the
 model: the same fields, the same variables (``params``: scale, bias;
 ``batch_stats``: mean, var, plus jaxbn's ``count`` when ``warmup=True``) and
-the same
-``model.apply(variables, x, mutable=['batch_stats'])``. The maths is
+the same ``model.apply(variables, x, mutable=['batch_stats'])``. The maths is
 :func:`jaxbn.batch_norm`'s; this module only owns the Flax variables.
 """
 
@@ -122,9 +121,9 @@ class BatchNorm(nn.Module):
 
         Args:
           x: the input: a floating or complex array (integers are promoted to
-        float, as in Flax). It needs no batch axis: a single value per feature
-        (a batch of one, or one example under ``nn.vmap`` without
-        ``axis_name``) normalizes to the bias in training, as in Flax.
+            float, as in Flax). It needs no batch axis: a single value per
+            feature (a batch of one, or one example under ``nn.vmap`` without
+            ``axis_name``) normalizes to the bias in training, as in Flax.
           use_running_average: overrides the field (give it in one place only).
           mask: optional boolean array broadcastable to x (NumPy's rules); the
             statistics use only its True entries.
