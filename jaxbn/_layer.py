@@ -94,8 +94,18 @@ def batch_norm(
        \sigma^2 = \frac{1}{n}\sum_i (x_i - \mu)^2, \qquad
        y = (x - \mu)\,\frac{\gamma}{\sqrt{\sigma^2 + \epsilon}} + \beta .
 
-    The variance is biased (divided by ``n``) and computed in two passes, so it
-    is never negative and stays accurate when the mean is large. Evaluation
+    The variance is biased (divided by ``n``). It is computed from the sums of
+    ``x - K`` and ``|x - K|**2`` around the running mean ``K`` (a shift that
+    does not depend on the batch's order and that every device shares), redone
+    around the batch mean when ``K`` is more than one standard deviation away
+    (at most twice), so it is never negative, loses at most about one bit
+    against an exact two-pass computation, and stays accurate when the mean is
+    large. The statistics are float32 whatever x's dtype (float64 for float64
+    x; for complex x the mean is complex and ``sigma^2 = E|x - mu|^2``). A
+    feature with no valid value (all masked, empty batch) is normalized with
+    the running statistics; an overflowing variance gives ``y = bias``. The
+    training path supports every JAX transformation (``grad``, ``jvp``,
+    ``hessian``, ``vmap``, ...): its derivatives are closed-form. Evaluation
     (``train=False``) uses the running statistics instead, in one elementwise
     pass with no reduction over the batch, and returns them unchanged.
 
@@ -118,6 +128,10 @@ def batch_norm(
       center: whether to learn a bias (``params["bias"]``).
       scale: whether to learn a scale (``params["scale"]``).
       warmup: whether the decay warms up as above.
+      allow_one_value: whether training on one value per feature (a batch of
+        one, or x with no batch axis) is allowed: it normalizes to the bias
+        (variance 0), as ``flax.linen.BatchNorm`` does. By default it raises,
+        since such "statistics" are almost always a mistake.
       axis_name: a named axis (or tuple) of ``jax.vmap``, ``jax.shard_map`` or
         ``jax.pmap`` over which to synchronize statistics. Sharded ``jax.jit``
         needs none: its statistics are already global.
@@ -132,7 +146,8 @@ def batch_norm(
       A ``Layer(init, apply)``. ``init(x, *, key=None)`` returns ``(params,
       batch_stats)`` with ``params = {"scale", "bias"}`` (param_dtype, feature
       shape; a key is absent when disabled) and ``batch_stats = {"mean": zeros,
-      "var": ones, "count": 0}`` (float32 feature shape, int32 scalar); ``key``
+      "var": ones, "count": 0}`` (float32 feature shape, float64 for float64
+      x, a complex mean for complex x; int32 scalar count); ``key``
       defaults to ``jax.random.key(0)`` and is used only by random initializers.
       ``apply(params, batch_stats, x, *, train, mask=None)`` returns ``(y,
       batch_stats)``. ``train`` is a Python bool, or a scalar boolean array to
@@ -144,13 +159,15 @@ def batch_norm(
       evaluation ``mask`` is checked and otherwise ignored.
 
     Raises:
-      TypeError: for a non-floating x, dtype or param_dtype; a ``train`` that is
-        not a bool or a scalar boolean array; a non-boolean mask; statistics of
-        the wrong dtype.
+      TypeError: for an integer or boolean x; a non-floating dtype or
+        param_dtype; a ``train`` that is not a bool or a scalar boolean array; a
+        non-boolean mask; statistics of the wrong dtype (e.g. a real mean for
+        complex x).
       ValueError: for an axis out of range or repeated; momentum outside
         ``[0, 1)``; a non-positive epsilon; params or batch_stats with missing
-        keys or wrong shapes; training (``train=True``) with fewer than two values
-        per feature, counting the devices of ``axis_name``.
+        keys or wrong shapes; a mask that does not broadcast to x; training
+        (``train=True``) with one value per feature, counting the devices of
+        ``axis_name`` (unless ``allow_one_value``).
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -159,7 +176,7 @@ def batch_norm(
       >>> x = jnp.array([[1.0, 10.0], [3.0, 30.0]])
       >>> params, stats = layer.init(x)
       >>> y, stats = layer.apply(params, stats, x, train=True)
-      >>> y
+      >>> jnp.round(y, 4)  # (x - mean) / sqrt(var + 1e-5), rounded
       Array([[-1., -1.],
              [ 1.,  1.]], dtype=float32)
       >>> stats["mean"], stats["count"]  # first update: d = 1/10

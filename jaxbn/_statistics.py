@@ -40,8 +40,6 @@ import numpy as np
 from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
-from ._fusion import shifted_pair
-
 AxisName = Hashable | tuple[Hashable, ...]
 
 # Name of the per-feature statistics that a training step saves for its
@@ -188,8 +186,8 @@ def _passes(cfg: _Config, x: jax.Array, mask: Any, shift: jax.Array) -> ShiftedM
     local_count = _count(x, mask, cfg.axes)
 
     def one_pass(shift: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        d1, d2 = shifted_pair(xs, shift)
-        d2 = abs2(d2)
+        d1 = xs - shift
+        d2 = abs2(d1)
         if mask is not None:
             d1 = jnp.where(mask, d1, jnp.zeros((), d1.dtype))
             d2 = jnp.where(mask, d2, jnp.zeros((), d2.dtype))
@@ -238,7 +236,9 @@ def _moments(cfg: _Config, x: jax.Array, mask: Any, shift: jax.Array) -> Shifted
 def _moments_jvp(cfg: _Config, primals: tuple, tangents: tuple) -> tuple:
     x, mask, shift = primals
     dx = tangents[0]
-    m = ShiftedMoments(*(checkpoint_name(a, SAVED) for a in _moments(cfg, x, mask, shift)))
+    m = ShiftedMoments(
+        *(checkpoint_name(a, SAVED) for a in _moments(cfg, x, mask, shift))
+    )
     dtype = m.shift.dtype
     t = dx.astype(dtype)
     centred = (x.astype(dtype) - m.shift) - m.offset
@@ -252,7 +252,10 @@ def _moments_jvp(cfg: _Config, primals: tuple, tangents: tuple) -> tuple:
         sum_t, sum_ct = psum_parts([sum_t, sum_ct], cfg.axis_name, cfg.groups)
     safe = jnp.maximum(m.count, 1.0)
     tangent = ShiftedMoments(
-        jnp.zeros_like(m.count), jnp.zeros_like(m.shift), sum_t / safe, 2.0 * sum_ct / safe
+        jnp.zeros_like(m.count),
+        jnp.zeros_like(m.shift),
+        sum_t / safe,
+        2.0 * sum_ct / safe,
     )
     return m, tangent
 
