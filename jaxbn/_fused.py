@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
+from ._fusion import centred_pair
 from ._normalize import normalize
 from ._statistics import SAVED, ShiftedMoments, psum_parts, shifted_moments
 
@@ -174,8 +175,10 @@ def _train_jvp(static: tuple, primals: tuple, tangents: tuple) -> tuple:
     g = r if scale is None else r * scale.astype(real)
     xc = x.astype(m.shift.dtype)
     t = dx.astype(m.shift.dtype)
-    centred = (xc - m.shift) - m.offset
-    tc = t * jnp.conj(centred) if jnp.iscomplexobj(t) else t * centred
+    # Two expressions for the same centred x (see ``_fusion.centred_pair``):
+    # one feeds the reduction of the transpose, the other its elementwise pass.
+    centred, c_sum = centred_pair(xc, m.shift, m.offset)
+    tc = t * jnp.conj(c_sum) if jnp.iscomplexobj(t) else t * c_sum
     tc = tc.real
     if mask is not None:
         t = jnp.where(mask, t, jnp.zeros((), t.dtype))
