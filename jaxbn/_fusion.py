@@ -46,8 +46,8 @@ def centred_pair(
     The backward pass of a training step uses the centred input twice: in the
     reduction ``sum(dy * c)`` and in the elementwise pass that writes dx. One
     shared expression would be written to memory between them (one more
-    full-size write and read). ``(x - shift) - offset`` and ``(x + (-shift)) + (-offset)``
-    are bitwise equal and distinct.
+    full-size write and read). ``(x - shift) - offset`` and ``(x + (-shift)) +
+    (-offset)`` are bitwise equal and distinct.
 
     Args:
       x: the input (in the statistics dtype).
