@@ -69,12 +69,13 @@ def _zeros(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> ja
 
 def batch_norm(
     axis: int | Sequence[int] = -1,
-    momentum: float = 0.99,
+    momentum: float | None = 0.99,
     epsilon: float = 1e-5,
     center: bool = True,
     scale: bool = True,
-    warmup: bool = True,
+    warmup: bool | None = None,
     allow_one_value: bool = False,
+    running_var: str = "biased",
     axis_name: Hashable | tuple[Hashable, ...] | None = None,
     axis_index_groups: Sequence[Sequence[int]] | None = None,
     dtype: Any = None,
@@ -106,18 +107,31 @@ def batch_norm(
     (TensorFlow's ``ExponentialMovingAverage(num_updates=...)``), so early
     running statistics follow the network as it learns instead of staying near
     their initial values: with ``momentum=0.999`` a plain running average still
-    holds 90% of its initial value after 100 steps. A batch whose statistics are
+    holds 90% of its initial value after 100 steps. ``momentum=None`` keeps the
+    exact average of all the batches seen, ``d = count / (1 + count)``
+    (PyTorch's ``momentum=None``), and ``momentum=1.0`` freezes the running
+    statistics: training then normalizes with the batch's statistics and
+    returns ``batch_stats`` unchanged (``train=False`` normalizes with the
+    running statistics instead). A batch whose statistics are
     not finite, or whose entries are all masked, leaves the running statistics
     and ``count`` unchanged; the output still carries the NaN, so the loss shows
     it (skip such steps with ``optax.apply_if_finite``).
 
     Args:
       axis: the feature axis, or a tuple of them (negative counts from the end).
-      momentum: decay of the running average, in ``[0, 1)``.
+      momentum: decay of the running average, in ``[0, 1]``; ``1.0`` freezes
+        the running statistics; None keeps their cumulative average.
       epsilon: added to the variance, ``> 0``.
       center: whether to learn a bias (``params["bias"]``).
       scale: whether to learn a scale (``params["scale"]``).
-      warmup: whether the decay warms up as above.
+      warmup: whether the decay warms up as above; default (None): on, except
+        for ``momentum=None`` or ``1.0``, with which it is an error.
+      allow_one_value: whether a training batch of one value per feature is
+        accepted (normalized to the bias, as ``flax.linen.BatchNorm`` does).
+      running_var: ``"biased"`` (default) averages the batch variance used to
+        normalize; ``"unbiased"`` averages ``n / (n - 1)`` times it, with n
+        the number of values per feature (PyTorch's convention); the
+        normalization uses the biased variance either way.
       axis_name: a named axis (or tuple) of ``jax.vmap``, ``jax.shard_map`` or
         ``jax.pmap`` over which to synchronize statistics. Sharded ``jax.jit``
         needs none: its statistics are already global.
@@ -148,9 +162,10 @@ def batch_norm(
         not a bool or a scalar boolean array; a non-boolean mask; statistics of
         the wrong dtype.
       ValueError: for an axis out of range or repeated; momentum outside
-        ``[0, 1)``; a non-positive epsilon; params or batch_stats with missing
-        keys or wrong shapes; training (``train=True``) with fewer than two values
-        per feature, counting the devices of ``axis_name``.
+        ``[0, 1]``; ``warmup=True`` with momentum None or 1.0; a non-positive
+        epsilon; params or batch_stats with missing keys or wrong shapes;
+        training (``train=True``) with fewer than two values per feature,
+        counting the devices of ``axis_name``.
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -172,6 +187,16 @@ def batch_norm(
     """
     axis_spec = v.check_axis_spec(axis)
     momentum = v.check_momentum(momentum)
+    warmup = v.check_warmup(warmup, momentum)
+    unbiased = (
+        v.check_choice(
+            "running_var",
+            running_var,
+            ("biased", "unbiased"),
+            "'unbiased' stores n/(n-1) times the batch variance, as PyTorch does.",
+        )
+        == "unbiased"
+    )
     epsilon = v.check_epsilon(epsilon)
     dtype = v.check_float_dtype("dtype", dtype, allow_none=True)
     param_dtype = v.check_float_dtype("param_dtype", param_dtype, allow_none=False)
@@ -181,7 +206,7 @@ def batch_norm(
             "whose devices the groups split."
         )
     center, scale = bool(center), bool(scale)
-    warmup, allow_one_value = bool(warmup), bool(allow_one_value)
+    allow_one_value = bool(allow_one_value)
     batch_elsewhere = axis_name is not None or allow_one_value
 
     def geometry(x: Any) -> tuple[v.Axes, tuple[int, ...], tuple[int, ...]]:
@@ -269,7 +294,9 @@ def batch_norm(
             )
             moments = Moments(m.count, m.shift + m.offset, m.var)
             flat = Moments(*(a.reshape(feature_shape) for a in moments))
-            return y, update_running_stats(stats, flat, momentum, warmup)
+            if momentum == 1.0:  # frozen: bitwise unchanged, count included
+                return y, stats
+            return y, update_running_stats(stats, flat, momentum, warmup, unbiased)
 
         if train is True and not allow_one_value:
             _check_enough_values(x.shape, reduction_axes)

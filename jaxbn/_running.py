@@ -1,9 +1,11 @@
 """The running-average update of ``batch_stats``, with warm-up and guards.
 
 The decay is ``d = momentum``, or with warm-up ``d = min(momentum, (1 + count) /
-(10 + count))``. A batch whose statistics are not finite, or that has no valid
-value, leaves the running statistics and ``count`` unchanged; a feature with no
-valid value keeps its statistics.
+(10 + count))``, or for ``momentum=None`` ``d = count / (1 + count)``: the exact
+average of all the batches seen (PyTorch's cumulative moving average). A batch
+whose statistics are not finite, or that has no valid value, leaves the running
+statistics and ``count`` unchanged; a feature with no valid value keeps its
+statistics.
 """
 
 from __future__ import annotations
@@ -15,22 +17,27 @@ from jax import lax
 from ._statistics import Moments
 
 
-def decay(count: jax.Array, momentum: float, warmup: bool) -> jax.Array:
+def decay(count: jax.Array, momentum: float | None, warmup: bool) -> jax.Array:
     """The decay of the running average before the ``count``-th+1 update.
 
     Args:
       count: int32 number of updates so far.
-      momentum: the final decay.
+      momentum: the final decay, or None for the cumulative average.
       warmup: whether to use TensorFlow's ``num_updates`` warm-up rule.
 
     Returns:
-      A float32 scalar decay in ``[0, momentum]``.
+      A float32 scalar decay in ``[0, momentum]`` (``[0, 1)`` for None).
 
     Examples:
       >>> import jax.numpy as jnp
       >>> [round(float(decay(jnp.int32(c), 0.999, True)), 3) for c in (0, 90, 10**5)]
       [0.1, 0.91, 0.999]
+      >>> [round(float(decay(jnp.int32(c), None, False)), 3) for c in (0, 1, 3)]
+      [0.0, 0.5, 0.75]
     """
+    if momentum is None:
+        c = count.astype(jnp.float32)
+        return c / (1.0 + c)
     final = jnp.float32(momentum)
     if not warmup:
         return final
@@ -41,21 +48,26 @@ def decay(count: jax.Array, momentum: float, warmup: bool) -> jax.Array:
 def update_running_stats(
     batch_stats: dict[str, jax.Array],
     moments: Moments,
-    momentum: float,
+    momentum: float | None,
     warmup: bool,
+    unbiased: bool = False,
 ) -> dict[str, jax.Array]:
     """Returns ``batch_stats`` moved towards ``moments`` (no gradient flows).
 
     Args:
       batch_stats: ``{"mean", "var", "count"}`` as made by ``init``.
       moments: the batch's ``Moments``, already reshaped to the feature shape.
-      momentum: the final decay.
+      momentum: the final decay (None: the cumulative average).
       warmup: whether the decay warms up.
+      unbiased: store ``n / (n - 1)`` times the batch variance (n: the count
+        of values, or the sum of weights; n <= 1 keeps the biased variance).
 
     Returns:
       The new ``batch_stats``.
     """
     count, mean, var = (lax.stop_gradient(m) for m in moments)
+    if unbiased:
+        var = var * jnp.where(count > 1.0, count / jnp.maximum(count - 1.0, 1.0), 1.0)
     finite = jnp.all(jnp.isfinite(mean)) & jnp.all(jnp.isfinite(var))
     accept = finite & jnp.any(count > 0)
     d = decay(batch_stats["count"], momentum, warmup)

@@ -73,20 +73,52 @@ def normalize_axes(
     return axes
 
 
-def check_momentum(momentum: Any) -> float:
-    """Checks ``0 <= momentum < 1``."""
+def check_momentum(momentum: Any) -> float | None:
+    """Checks ``0 <= momentum <= 1``, or None (the cumulative average)."""
+    if momentum is None:
+        return None
     if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
         raise TypeError(
-            f"momentum must be a Python float in [0, 1), got {momentum!r} "
+            f"momentum must be a Python float in [0, 1] or None, got {momentum!r} "
             f"({type(momentum).__name__}); it is a hyperparameter, not a traced value."
         )
-    if not 0.0 <= float(momentum) < 1.0:
+    if not 0.0 <= float(momentum) <= 1.0:
         raise ValueError(
-            f"momentum must be in [0, 1), got {momentum!r}. It is the decay of the "
-            "running average: 0.9 or 0.99 are usual (PyTorch's momentum=0.1 means "
-            "jaxbn momentum=0.9)."
+            f"momentum must be in [0, 1] or None, got {momentum!r}. It is the decay "
+            "of the running average: 0.9 or 0.99 are usual (PyTorch's momentum=0.1 "
+            "means jaxbn momentum=0.9); 1.0 freezes the running statistics and None "
+            "keeps the exact average of all batches."
         )
     return float(momentum)
+
+
+def check_warmup(warmup: Any, momentum: float | None) -> bool:
+    """Resolves ``warmup`` (None: on unless momentum is None or 1.0)."""
+    fixed = momentum is None or momentum == 1.0
+    if warmup is None:
+        return not fixed
+    if not isinstance(warmup, bool | np.bool_):
+        raise TypeError(f"warmup must be a bool or None, got {warmup!r}.")
+    if warmup and fixed:
+        what = (
+            "None keeps the exact average of all batches"
+            if momentum is None
+            else "1.0 freezes the running statistics"
+        )
+        raise ValueError(
+            f"warmup=True with momentum={momentum!r}: momentum={what}, which a "
+            "warm-up of the decay would break. Pass warmup=False (or leave it "
+            "unset: warmup=None is off for this momentum)."
+        )
+    return bool(warmup)
+
+
+def check_choice(name: str, value: Any, choices: tuple[str, ...], why: str) -> str:
+    """Checks that ``value`` is one of the strings ``choices``."""
+    if not isinstance(value, str) or value not in choices:
+        listed = ", ".join(repr(c) for c in choices)
+        raise ValueError(f"{name}={value!r} is not known; use one of {listed}: {why}")
+    return value
 
 
 def check_epsilon(epsilon: Any) -> float:
