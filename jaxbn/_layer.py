@@ -75,13 +75,17 @@ def batch_norm(
     scale: bool = True,
     warmup: bool | None = None,
     allow_one_value: bool = False,
-    running_var: str = "biased",
     axis_name: Hashable | tuple[Hashable, ...] | None = None,
     axis_index_groups: Sequence[Sequence[int]] | None = None,
     dtype: Any = None,
     param_dtype: Any = jnp.float32,
     scale_init: Initializer = _ones,
     bias_init: Initializer = _zeros,
+    running_var: str = "biased",
+    renorm: bool = False,
+    rmax: float | Callable[[jax.Array], Any] | None = None,
+    dmax: float | Callable[[jax.Array], Any] | None = None,
+    renorm_momentum: float | None = None,
 ) -> Layer:
     r"""Batch normalization (Ioffe & Szegedy, 2015) as pure ``init``/``apply``.
 
@@ -128,10 +132,6 @@ def batch_norm(
         for ``momentum=None`` or ``1.0``, with which it is an error.
       allow_one_value: whether a training batch of one value per feature is
         accepted (normalized to the bias, as ``flax.linen.BatchNorm`` does).
-      running_var: ``"biased"`` (default) averages the batch variance used to
-        normalize; ``"unbiased"`` averages ``n / (n - 1)`` times it, with n
-        the number of values per feature (PyTorch's convention); the
-        normalization uses the biased variance either way.
       axis_name: a named axis (or tuple) of ``jax.vmap``, ``jax.shard_map`` or
         ``jax.pmap`` over which to synchronize statistics. Sharded ``jax.jit``
         needs none: its statistics are already global.
@@ -141,6 +141,21 @@ def batch_norm(
       param_dtype: dtype of ``scale`` and ``bias``.
       scale_init: initializer ``(key, shape, dtype) -> Array`` of the scale.
       bias_init: initializer ``(key, shape, dtype) -> Array`` of the bias.
+      running_var: ``"biased"`` (default) averages the batch variance used to
+        normalize; ``"unbiased"`` averages ``n / (n - 1)`` times it, with n
+        the number of values per feature (PyTorch's convention); the
+        normalization uses the biased variance either way.
+      renorm: batch renormalization (Ioffe, 2017): training normalizes to
+        ``(x_hat * r + d) * scale + bias`` with ``r = clip(s_B / s, 1/rmax,
+        rmax)`` and ``d = clip((mu_B - mu) / s, -dmax, dmax)``, where ``s_B =
+        sqrt(var_B + epsilon)`` and ``mu, s`` are the renorm moving averages
+        ``batch_stats["renorm_mean"]`` and ``["renorm_std"]``; r and d carry no
+        gradient. Evaluation is unchanged (running mean and var).
+      rmax: renorm's clip of r, ``>= 1`` (default 3.0), or a function of
+        ``count`` (int32 updates so far) for a warm-up schedule.
+      dmax: renorm's clip of d, ``>= 0`` (default 5.0), or a function of count.
+      renorm_momentum: the constant decay of the renorm moving averages
+        (default 0.99; no warm-up).
 
     Returns:
       A ``Layer(init, apply)``. ``init(x, *, key=None)`` returns ``(params,
@@ -197,6 +212,7 @@ def batch_norm(
         )
         == "unbiased"
     )
+    renorm_options = v.check_renorm(renorm, rmax, dmax, renorm_momentum)
     epsilon = v.check_epsilon(epsilon)
     dtype = v.check_float_dtype("dtype", dtype, allow_none=True)
     param_dtype = v.check_float_dtype("param_dtype", param_dtype, allow_none=False)
@@ -207,6 +223,9 @@ def batch_norm(
         )
     center, scale = bool(center), bool(scale)
     allow_one_value = bool(allow_one_value)
+    renorm_update = None
+    if renorm_options is not None:
+        renorm_update = (renorm_options[2], epsilon)
     batch_elsewhere = axis_name is not None or allow_one_value
 
     def geometry(x: Any) -> tuple[v.Axes, tuple[int, ...], tuple[int, ...]]:
@@ -215,6 +234,13 @@ def batch_norm(
         feature_shape = tuple(x.shape[a] for a in axes)
         kept = tuple(d if i in axes else 1 for i, d in enumerate(x.shape))
         return axes, feature_shape, kept
+
+    def stats_spec(feature_shape: tuple[int, ...], x_dtype: Any) -> dict:
+        spec = v.stats_spec(feature_shape, x_dtype)
+        if renorm_options is not None:
+            spec["renorm_mean"] = spec["mean"]
+            spec["renorm_std"] = spec["var"]
+        return spec
 
     def init(x: Any, *, key: jax.Array | None = None) -> tuple[Params, BatchStats]:
         _, feature_shape, _ = geometry(x)
@@ -235,6 +261,9 @@ def batch_norm(
             "var": jnp.ones(feature_shape, real_dtype(x.dtype)),  # shape=features
             "count": jnp.zeros((), jnp.int32),  # shape=(), int32: updates so far
         }
+        if renorm_options is not None:
+            batch_stats["renorm_mean"] = jnp.zeros_like(batch_stats["mean"])
+            batch_stats["renorm_std"] = jnp.ones_like(batch_stats["var"])
         return params, batch_stats
 
     def apply(
@@ -258,7 +287,7 @@ def batch_norm(
         v.check_mapping(
             "batch_stats",
             batch_stats,
-            v.stats_spec(feature_shape, x.dtype),
+            stats_spec(feature_shape, x.dtype),
             feature_shape,
             axes,
             axis_spec,
@@ -270,6 +299,21 @@ def batch_norm(
         out_dtype = x.dtype if dtype is None else dtype
         gamma = params["scale"].reshape(kept) if scale else None
         beta = params["bias"].reshape(kept) if center else None
+
+        def renorm_operands(stats: BatchStats) -> tuple | None:
+            if renorm_options is None:
+                return None
+            if jnp.iscomplexobj(x):
+                raise TypeError(
+                    f"renorm=True with complex x ({x.dtype}): batch "
+                    "renormalization is defined for real input only."
+                )
+            return (
+                stats["renorm_mean"].reshape(kept),
+                stats["renorm_std"].reshape(kept),
+                v.clip_bound("rmax", renorm_options[0], stats["count"]),
+                v.clip_bound("dmax", renorm_options[1], stats["count"]),
+            )
 
         def evaluate(operands: tuple) -> tuple[jax.Array, BatchStats]:
             x, _, stats = operands
@@ -291,12 +335,15 @@ def batch_norm(
                 axis_name=axis_name,
                 axis_index_groups=axis_index_groups,
                 dtype=out_dtype,
+                renorm=renorm_operands(stats),
             )
             moments = Moments(m.count, m.shift + m.offset, m.var)
             flat = Moments(*(a.reshape(feature_shape) for a in moments))
             if momentum == 1.0:  # frozen: bitwise unchanged, count included
                 return y, stats
-            return y, update_running_stats(stats, flat, momentum, warmup, unbiased)
+            return y, update_running_stats(
+                stats, flat, momentum, warmup, unbiased, renorm_update
+            )
 
         if train is True and not allow_one_value:
             _check_enough_values(x.shape, reduction_axes)

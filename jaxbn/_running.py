@@ -51,6 +51,7 @@ def update_running_stats(
     momentum: float | None,
     warmup: bool,
     unbiased: bool = False,
+    renorm: tuple[float, float] | None = None,
 ) -> dict[str, jax.Array]:
     """Returns ``batch_stats`` moved towards ``moments`` (no gradient flows).
 
@@ -61,11 +62,15 @@ def update_running_stats(
       warmup: whether the decay warms up.
       unbiased: store ``n / (n - 1)`` times the batch variance (n: the count
         of values, or the sum of weights; n <= 1 keeps the biased variance).
+      renorm: ``(renorm_momentum, epsilon)`` for batch renormalization:
+        ``renorm_mean`` and ``renorm_std`` move towards the batch's mean and
+        ``sqrt(var + epsilon)`` with the constant decay ``renorm_momentum``.
 
     Returns:
       The new ``batch_stats``.
     """
     count, mean, var = (lax.stop_gradient(m) for m in moments)
+    biased = var
     if unbiased:
         var = var * jnp.where(count > 1.0, count / jnp.maximum(count - 1.0, 1.0), 1.0)
     finite = jnp.all(jnp.isfinite(mean)) & jnp.all(jnp.isfinite(var))
@@ -76,7 +81,7 @@ def update_running_stats(
     # Explicit axes refuses a select between differently sharded operands).
     moves = (accept & (count > 0)).astype(d.dtype)
 
-    def moved(old: jax.Array, new: jax.Array) -> jax.Array:
+    def moved(old: jax.Array, new: jax.Array, d: jax.Array = d) -> jax.Array:
         # A rejected batch may hold NaN or inf: zero them so 0 * new stays 0.
         new = jnp.nan_to_num(new, nan=0.0, posinf=0.0, neginf=0.0).astype(old.dtype)
         # ``d * old + (1 - d) * new`` is exact at d = 0 (momentum 0: the
@@ -87,8 +92,15 @@ def update_running_stats(
         w = moves.astype(old.real.dtype)
         return (1.0 - w) * old + w * blend
 
-    return {
+    new_stats = {
         "mean": moved(batch_stats["mean"], mean),
         "var": moved(batch_stats["var"], var),
         "count": batch_stats["count"] + accept.astype(jnp.int32),
     }
+    if renorm is not None:
+        renorm_momentum, epsilon = renorm
+        rd = jnp.float32(renorm_momentum)
+        std = jnp.sqrt(biased + jnp.asarray(epsilon, biased.dtype))
+        new_stats["renorm_mean"] = moved(batch_stats["renorm_mean"], mean, rd)
+        new_stats["renorm_std"] = moved(batch_stats["renorm_std"], std, rd)
+    return new_stats

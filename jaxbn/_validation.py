@@ -121,6 +121,66 @@ def check_choice(name: str, value: Any, choices: tuple[str, ...], why: str) -> s
     return value
 
 
+def check_renorm(
+    renorm: Any, rmax: Any, dmax: Any, renorm_momentum: Any
+) -> tuple[Any, Any, float] | None:
+    """Checks batch renormalization's options; returns ``(rmax, dmax, momentum)``.
+
+    ``rmax`` and ``dmax`` are numbers or functions of ``count`` (the int32
+    number of updates so far) returning scalars; numbers are range-checked.
+    """
+    given = {
+        k: val
+        for k, val in (
+            ("rmax", rmax),
+            ("dmax", dmax),
+            ("renorm_momentum", renorm_momentum),
+        )
+        if val is not None
+    }
+    if not isinstance(renorm, bool | np.bool_):
+        raise TypeError(f"renorm must be a bool, got {renorm!r}.")
+    if not renorm:
+        if given:
+            raise ValueError(
+                f"{', '.join(given)} given but renorm=False; pass renorm=True to use "
+                "batch renormalization, or drop these options."
+            )
+        return None
+    rmax = 3.0 if rmax is None else rmax
+    dmax = 5.0 if dmax is None else dmax
+    for name, val, low in (("rmax", rmax, 1.0), ("dmax", dmax, 0.0)):
+        if callable(val):
+            continue
+        if isinstance(val, bool) or not isinstance(val, numbers.Real):
+            raise TypeError(
+                f"{name} must be a Python float or a function of count, got {val!r}."
+            )
+        if not float(val) >= low:
+            raise ValueError(
+                f"{name}={val!r} is below {low}: r is clipped to [1/rmax, rmax] and "
+                f"d to [-dmax, dmax], so rmax must be >= 1 and dmax >= 0 (rmax=1, "
+                "dmax=0 is plain batch norm; the paper ramps them up to 3 and 5)."
+            )
+    momentum = 0.99 if renorm_momentum is None else renorm_momentum
+    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
+        raise TypeError(f"renorm_momentum must be a Python float, got {momentum!r}.")
+    if not 0.0 <= float(momentum) <= 1.0:
+        raise ValueError(
+            f"renorm_momentum={momentum!r} must be in [0, 1]: it is the decay of "
+            "the renorm moving averages (Keras's default 0.99)."
+        )
+    return rmax, dmax, float(momentum)
+
+
+def clip_bound(name: str, value: Any, count: jax.Array) -> jax.Array:
+    """``value``, or ``value(count)`` for a schedule, as a float32 scalar."""
+    out = jnp.asarray(value(count) if callable(value) else value, jnp.float32)
+    if out.shape != ():
+        raise ValueError(f"{name}(count) must return a scalar, got shape {out.shape}.")
+    return out
+
+
 def check_epsilon(epsilon: Any) -> float:
     """Checks ``epsilon > 0``."""
     if isinstance(epsilon, bool) or not isinstance(epsilon, numbers.Real):
