@@ -29,7 +29,14 @@ from jax.ad_checkpoint import checkpoint_name
 
 from ._normalize import corrected, normalize, renorm_correction
 from ._fusion import centred_pair
-from ._statistics import SAVED, ShiftedMoments, psum_parts, shifted_moments
+from ._statistics import (
+    SAVED,
+    ShiftedMoments,
+    psum_parts,
+    shifted_moments,
+    valid,
+    weigh,
+)
 
 _SAVE_STATISTICS = jax.checkpoint_policies.save_only_these_names(SAVED)
 
@@ -57,7 +64,8 @@ def fused_training(
     Args:
       x: the input, any floating or complex dtype.
       mask: optional boolean array of x's rank, broadcastable to x; statistics use
-        its True entries only.
+        its True entries only. Or non-negative per-entry weights (real, the
+        statistics' dtype): weighted statistics, the count a sum of weights.
       scale: optional scale, x's rank with size 1 along ``reduction_axes``.
       bias: optional bias, same shape as ``scale``.
       running_mean: the running mean, same shape as ``scale``: the shift around
@@ -107,7 +115,7 @@ def _checkpointed(
     if mask is not None:
         # Padding may hold NaN: read a masked non-finite entry as 0 so it
         # reaches neither the statistics nor any gradient.
-        x = jnp.where(mask | jnp.isfinite(x), x, jnp.zeros((), x.dtype))
+        x = jnp.where(valid(mask) | jnp.isfinite(x), x, jnp.zeros((), x.dtype))
     return _train(static, x, mask, scale, bias, running)
 
 
@@ -185,8 +193,7 @@ def _train_jvp(static: tuple, primals: tuple, tangents: tuple) -> tuple:
     tc = t * jnp.conj(c_sum) if jnp.iscomplexobj(t) else t * c_sum
     tc = tc.real
     if mask is not None:
-        t = jnp.where(mask, t, jnp.zeros((), t.dtype))
-        tc = jnp.where(mask, tc, jnp.zeros((), tc.dtype))
+        t, tc = weigh(t, mask), weigh(tc, mask)
     sum_t = jnp.sum(t, axes, keepdims=True)
     sum_tc = jnp.sum(tc, axes, keepdims=True)
     if axis_name is not None:

@@ -14,7 +14,7 @@ from . import _validation as v
 from ._fused import fused_training
 from ._normalize import normalize
 from ._running import update_running_stats
-from ._statistics import Moments, devices_in_axis, mean_dtype, real_dtype
+from ._statistics import Moments, devices_in_axis, mean_dtype, real_dtype, valid
 
 Params = dict[str, jax.Array]
 BatchStats = dict[str, jax.Array]
@@ -40,6 +40,7 @@ class ApplyFn(Protocol):
         *,
         train: bool | jax.Array,
         mask: ArrayLike | None = None,
+        weights: ArrayLike | None = None,
     ) -> tuple[jax.Array, BatchStats]: ...
 
 
@@ -163,22 +164,28 @@ def batch_norm(
       shape; a key is absent when disabled) and ``batch_stats = {"mean": zeros,
       "var": ones, "count": 0}`` (float32 feature shape, int32 scalar); ``key``
       defaults to ``jax.random.key(0)`` and is used only by random initializers.
-      ``apply(params, batch_stats, x, *, train, mask=None)`` returns ``(y,
-      batch_stats)``. ``train`` is a Python bool, or a scalar boolean array to
-      choose the mode at run time with one compiled function (``lax.cond``: only
-      the chosen branch runs). ``mask``, a boolean array broadcastable to x,
-      restricts the statistics to its True entries; entries under False are
-      normalized like the others, except that a non-finite one (NaN padding)
-      is read as 0, so it reaches neither the statistics nor any gradient. In
-      evaluation ``mask`` is checked and otherwise ignored.
+      ``apply(params, batch_stats, x, *, train, mask=None, weights=None)`` returns
+      ``(y, batch_stats)``. ``train`` is a Python bool, or a scalar boolean array to
+      choose the mode at run time with one compiled function (``lax.cond``: only the
+      chosen branch runs). ``mask``, a boolean array broadcastable to x, restricts
+      the statistics to its True entries; entries under False are normalized like
+      the others, except that a non-finite one (NaN padding) is read as 0, so it
+      reaches neither the statistics nor any gradient. In evaluation ``mask`` is
+      checked and otherwise ignored. ``weights``, a real non-negative array
+      broadcastable to x (TensorFlow's ``batch_weights``), makes the statistics
+      weighted: ``mean = sum(w x) / sum(w)``, ``var = sum(w |x - mean|^2) /
+      sum(w)``, and the count behind ``running_var="unbiased"`` is ``sum(w)``; a
+      mask is the 0/1 case and the two combine (weights under False count 0). In
+      evaluation weights are checked and ignored.
 
     Raises:
       TypeError: for a non-floating x, dtype or param_dtype; a ``train`` that is
-        not a bool or a scalar boolean array; a non-boolean mask; statistics of
-        the wrong dtype.
+        not a bool or a scalar boolean array; a non-boolean mask; non-floating
+        weights; statistics of the wrong dtype.
       ValueError: for an axis out of range or repeated; momentum outside
         ``[0, 1]``; ``warmup=True`` with momentum None or 1.0; a non-positive
         epsilon; params or batch_stats with missing keys or wrong shapes;
+        weights that do not broadcast to x or are negative (when concrete);
         training (``train=True``) with fewer than two values per feature,
         counting the devices of ``axis_name``.
 
@@ -273,6 +280,7 @@ def batch_norm(
         *,
         train: bool | jax.Array,
         mask: ArrayLike | None = None,
+        weights: ArrayLike | None = None,
     ) -> tuple[jax.Array, BatchStats]:
         axes, feature_shape, kept = geometry(x)
         train = v.check_train(train)
@@ -295,6 +303,10 @@ def batch_norm(
         )
         if mask is not None:
             mask = v.check_mask(mask, tuple(x.shape))
+        if weights is not None:
+            w = v.check_weights(weights, tuple(x.shape), real_dtype(x.dtype))
+            # A mask is the 0/1 case of weights: the two combine.
+            mask = w if mask is None else jnp.where(mask, w, jnp.zeros((), w.dtype))
         reduction_axes = tuple(i for i in range(x.ndim) if i not in axes)
         out_dtype = x.dtype if dtype is None else dtype
         gamma = params["scale"].reshape(kept) if scale else None
@@ -350,7 +362,7 @@ def batch_norm(
         if mask is not None:
             # Padding may hold NaN: read a masked non-finite entry as 0 so it
             # reaches neither the statistics nor any gradient.
-            x = jnp.where(mask | jnp.isfinite(x), x, jnp.zeros((), x.dtype))
+            x = jnp.where(valid(mask) | jnp.isfinite(x), x, jnp.zeros((), x.dtype))
         operands = (x, mask, batch_stats)
         if isinstance(train, bool):
             return training(operands) if train else evaluate(operands)

@@ -365,3 +365,41 @@ def check_mask(mask: Any, x_shape: tuple[int, ...]) -> jax.Array:
         )
     mask = jnp.asarray(mask)
     return mask.reshape((1,) * (len(x_shape) - mask.ndim) + tuple(mask.shape))
+
+
+def check_weights(weights: Any, x_shape: tuple[int, ...], dtype: Any) -> jax.Array:
+    """Checks per-example weights: real, broadcastable to x, not negative.
+
+    Returns:
+      The weights in ``dtype`` with x's rank (leading size-1 axes added), not
+      broadcast to x.
+    """
+    w_dtype = getattr(weights, "dtype", None)
+    if w_dtype is None or not jnp.issubdtype(w_dtype, jnp.floating):
+        raise TypeError(
+            f"weights must be a real floating array broadcastable to x, got "
+            f"{w_dtype if w_dtype is not None else type(weights).__name__}; for a "
+            "boolean mask use mask=, and cast counts with .astype(jnp.float32)."
+        )
+    w_shape = tuple(np.shape(weights))
+    try:
+        fits = np.broadcast_shapes(w_shape, x_shape) == tuple(x_shape)
+    except ValueError:
+        fits = False
+    if not fits or len(w_shape) > len(x_shape):
+        raise ValueError(
+            f"weights has shape {w_shape}, which does not broadcast to x's shape "
+            f"{x_shape}; give one weight per example with size-1 axes elsewhere, "
+            "e.g. weights[:, None, None, None] for NHWC x."
+        )
+    try:
+        concrete = np.asarray(weights)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        concrete = None  # traced: checked when concrete only
+    if concrete is not None and np.any(concrete < 0):
+        raise ValueError(
+            "weights has negative entries; weights must be >= 0 (0 drops an "
+            "entry from the statistics, like mask=False)."
+        )
+    w = jnp.asarray(weights, dtype)
+    return w.reshape((1,) * (len(x_shape) - w.ndim) + w_shape)
