@@ -3,69 +3,27 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Sequence
-from typing import Any, NamedTuple, Protocol
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.typing import ArrayLike
 
+from . import _ghost as g
+from . import _options as o
 from . import _validation as v
 from ._fused import fused_training
 from ._normalize import normalize
 from ._running import update_running_stats
 from ._statistics import Moments, devices_in_axis, mean_dtype, real_dtype, valid
-
-Params = dict[str, jax.Array]
-BatchStats = dict[str, jax.Array]
-Initializer = Callable[..., jax.Array]
-
-
-class InitFn(Protocol):
-    """``init(x, *, key=None) -> (params, batch_stats)``."""
-
-    def __call__(
-        self, x: Any, *, key: jax.Array | None = None
-    ) -> tuple[Params, BatchStats]: ...
-
-
-class ApplyFn(Protocol):
-    """``apply(params, batch_stats, x, *, train, mask=None) -> (y, batch_stats)``."""
-
-    def __call__(
-        self,
-        params: Params,
-        batch_stats: BatchStats,
-        x: jax.Array,
-        *,
-        train: bool | jax.Array,
-        mask: ArrayLike | None = None,
-        weights: ArrayLike | None = None,
-    ) -> tuple[jax.Array, BatchStats]: ...
-
-
-class Layer(NamedTuple):
-    """A batch-norm layer as a pair of pure functions.
-
-    Attributes:
-      init: ``init(x, *, key=None) -> (params, batch_stats)``; reads only
-        ``x.shape`` and ``x.dtype``.
-      apply: ``apply(params, batch_stats, x, *, train, mask=None) -> (y,
-        batch_stats)``; always returns the (possibly unchanged) statistics.
-    """
-
-    init: InitFn
-    apply: ApplyFn
-
-
-def _ones(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:
-    del key
-    return jnp.ones(shape, dtype)
-
-
-def _zeros(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:
-    del key
-    return jnp.zeros(shape, dtype)
+from ._types import ApplyFn as ApplyFn
+from ._types import BatchStats as BatchStats
+from ._types import InitFn as InitFn
+from ._types import Initializer as Initializer
+from ._types import Layer as Layer
+from ._types import Params as Params
+from ._types import _ones, _zeros
 
 
 def batch_norm(
@@ -87,6 +45,9 @@ def batch_norm(
     rmax: float | Callable[[jax.Array], Any] | None = None,
     dmax: float | Callable[[jax.Array], Any] | None = None,
     renorm_momentum: float | None = None,
+    virtual_batch_size: int | None = None,
+    eval_mode: str = "running",
+    zero_masked: bool = False,
 ) -> Layer:
     r"""Batch normalization (Ioffe & Szegedy, 2015) as pure ``init``/``apply``.
 
@@ -157,6 +118,18 @@ def batch_norm(
       dmax: renorm's clip of d, ``>= 0`` (default 5.0), or a function of count.
       renorm_momentum: the constant decay of the renorm moving averages
         (default 0.99; no warm-up).
+      virtual_batch_size: ghost batch norm (Hoffer et al., 2017): training
+        splits axis 0 into groups of this many examples and normalizes each
+        with its own statistics (per device under ``axis_name``); the running
+        statistics receive the count-weighted merge of the groups (across
+        devices too), i.e. the whole batch's. Evaluation is unchanged.
+      eval_mode: ``"running"`` (default): evaluation normalizes with the
+        running statistics; ``"batch"``: with the batch's statistics, as in
+        training (mask, weights, ``axis_name``, ghost batches), and leaves
+        ``batch_stats`` unchanged (Haiku's ``test_local_stats``, PyTorch's
+        ``track_running_stats=False``).
+      zero_masked: whether ``y`` is set to 0 where the mask is False (or the
+        weight 0), in training and evaluation: zeroed padding.
 
     Returns:
       A ``Layer(init, apply)``. ``init(x, *, key=None)`` returns ``(params,
@@ -176,16 +149,25 @@ def batch_norm(
       weighted: ``mean = sum(w x) / sum(w)``, ``var = sum(w |x - mean|^2) /
       sum(w)``, and the count behind ``running_var="unbiased"`` is ``sum(w)``; a
       mask is the 0/1 case and the two combine (weights under False count 0). In
-      evaluation weights are checked and ignored.
+      evaluation weights are checked and ignored. ``scale`` and ``offset``,
+      real arrays broadcastable to x (per feature, or per example for FiLM-style
+      conditioning), replace the learned scale and bias of a layer built with
+      ``scale=False`` / ``center=False`` (conditional batch norm, Haiku's and
+      Sonnet's ``scale=``/``offset=``); gradients flow to them.
 
     Raises:
       TypeError: for a non-floating x, dtype or param_dtype; a ``train`` that is
         not a bool or a scalar boolean array; a non-boolean mask; non-floating
-        weights; statistics of the wrong dtype.
+        weights, scale or offset; statistics of the wrong dtype; ``renorm``
+        with complex x.
       ValueError: for an axis out of range or repeated; momentum outside
         ``[0, 1]``; ``warmup=True`` with momentum None or 1.0; a non-positive
         epsilon; params or batch_stats with missing keys or wrong shapes;
         weights that do not broadcast to x or are negative (when concrete);
+        a call-time scale or offset that does not broadcast to x or that the
+        layer also learns; an unknown ``eval_mode`` or ``running_var``;
+        ``rmax < 1``, ``dmax < 0``, or renorm options without ``renorm``;
+        a ``virtual_batch_size`` that does not divide the batch;
         training (``train=True``) with fewer than two values per feature,
         counting the devices of ``axis_name``.
 
@@ -209,9 +191,9 @@ def batch_norm(
     """
     axis_spec = v.check_axis_spec(axis)
     momentum = v.check_momentum(momentum)
-    warmup = v.check_warmup(warmup, momentum)
+    warmup = o.check_warmup(warmup, momentum)
     unbiased = (
-        v.check_choice(
+        o.check_choice(
             "running_var",
             running_var,
             ("biased", "unbiased"),
@@ -219,7 +201,12 @@ def batch_norm(
         )
         == "unbiased"
     )
-    renorm_options = v.check_renorm(renorm, rmax, dmax, renorm_momentum)
+    renorm_options = o.check_renorm(renorm, rmax, dmax, renorm_momentum)
+    ghost = o.check_virtual_batch_size(virtual_batch_size)
+    why = "'batch' normalizes with the batch's statistics in evaluation too."
+    local_stats = o.check_choice("eval_mode", eval_mode, ("running", "batch"), why)
+    local_stats = local_stats == "batch"
+    zero_masked = bool(zero_masked)
     epsilon = v.check_epsilon(epsilon)
     dtype = v.check_float_dtype("dtype", dtype, allow_none=True)
     param_dtype = v.check_float_dtype("param_dtype", param_dtype, allow_none=False)
@@ -228,7 +215,7 @@ def batch_norm(
             "axis_index_groups was given without axis_name; pass the axis_name "
             "whose devices the groups split."
         )
-    center, scale = bool(center), bool(scale)
+    learn_bias, learn_scale = bool(center), bool(scale)
     allow_one_value = bool(allow_one_value)
     renorm_update = None
     if renorm_options is not None:
@@ -254,11 +241,11 @@ def batch_norm(
         key = jax.random.key(0) if key is None else key
         scale_key, bias_key = jax.random.split(key)
         params: Params = {}
-        if scale:
+        if learn_scale:
             params["scale"] = jnp.asarray(
                 scale_init(scale_key, feature_shape, param_dtype), param_dtype
             )
-        if center:
+        if learn_bias:
             params["bias"] = jnp.asarray(
                 bias_init(bias_key, feature_shape, param_dtype), param_dtype
             )
@@ -281,13 +268,15 @@ def batch_norm(
         train: bool | jax.Array,
         mask: ArrayLike | None = None,
         weights: ArrayLike | None = None,
+        scale: ArrayLike | None = None,
+        offset: ArrayLike | None = None,
     ) -> tuple[jax.Array, BatchStats]:
         axes, feature_shape, kept = geometry(x)
         train = v.check_train(train)
         expected_params = {}
-        if scale:
+        if learn_scale:
             expected_params["scale"] = (feature_shape, param_dtype)
-        if center:
+        if learn_bias:
             expected_params["bias"] = (feature_shape, param_dtype)
         v.check_mapping(
             "params", params, expected_params, feature_shape, axes, axis_spec, False
@@ -304,37 +293,30 @@ def batch_norm(
         if mask is not None:
             mask = v.check_mask(mask, tuple(x.shape))
         if weights is not None:
-            w = v.check_weights(weights, tuple(x.shape), real_dtype(x.dtype))
+            w = o.check_weights(weights, tuple(x.shape), real_dtype(x.dtype))
             # A mask is the 0/1 case of weights: the two combine.
             mask = w if mask is None else jnp.where(mask, w, jnp.zeros((), w.dtype))
         reduction_axes = tuple(i for i in range(x.ndim) if i not in axes)
         out_dtype = x.dtype if dtype is None else dtype
-        gamma = params["scale"].reshape(kept) if scale else None
-        beta = params["bias"].reshape(kept) if center else None
-
-        def renorm_operands(stats: BatchStats) -> tuple | None:
-            if renorm_options is None:
-                return None
-            if jnp.iscomplexobj(x):
-                raise TypeError(
-                    f"renorm=True with complex x ({x.dtype}): batch "
-                    "renormalization is defined for real input only."
-                )
-            return (
-                stats["renorm_mean"].reshape(kept),
-                stats["renorm_std"].reshape(kept),
-                v.clip_bound("rmax", renorm_options[0], stats["count"]),
-                v.clip_bound("dmax", renorm_options[1], stats["count"]),
-            )
+        gamma = params["scale"].reshape(kept) if learn_scale else None
+        beta = params["bias"].reshape(kept) if learn_bias else None
+        if scale is not None:
+            gamma = o.check_external("scale", scale, x.shape, learn_scale)
+        if offset is not None:
+            beta = o.check_external("offset", offset, x.shape, learn_bias)
 
         def evaluate(operands: tuple) -> tuple[jax.Array, BatchStats]:
             x, _, stats = operands
+            if local_stats:  # normalize with the batch's statistics, no update
+                return training(operands)[0], stats
             mean = stats["mean"].reshape(kept)
             var = stats["var"].reshape(kept)
             return normalize(x, mean, var, gamma, beta, epsilon, out_dtype), stats
 
         def training(operands: tuple) -> tuple[jax.Array, BatchStats]:
             x, mask, stats = operands
+            if ghost is not None:
+                return ghost_training(x, mask, stats)
             y, m = fused_training(
                 x,
                 mask,
@@ -347,17 +329,42 @@ def batch_norm(
                 axis_name=axis_name,
                 axis_index_groups=axis_index_groups,
                 dtype=out_dtype,
-                renorm=renorm_operands(stats),
+                renorm=o.renorm_operands(stats, kept, renorm_options, x.dtype),
             )
             moments = Moments(m.count, m.shift + m.offset, m.var)
+            return y, updated(stats, moments)
+
+        def ghost_training(x: jax.Array, mask: Any, stats: BatchStats) -> tuple:
+            assert ghost is not None
+            mean = g.grouped(stats["mean"].reshape(kept), ghost)
+            y, m = fused_training(
+                g.grouped(x, ghost),
+                g.grouped(mask, ghost),
+                g.grouped(gamma, ghost),
+                g.grouped(beta, ghost),
+                mean,
+                g.grouped(stats["var"].reshape(kept), ghost),
+                reduction_axes=tuple(a + 1 for a in reduction_axes),
+                epsilon=epsilon,
+                axis_name=None,  # each device's groups are its own
+                axis_index_groups=None,
+                dtype=out_dtype,
+                renorm=o.renorm_operands(stats, (1, *kept), renorm_options, x.dtype),
+            )
+            merged = g.merge_groups(m, mean, 0, axis_name, axis_index_groups)
+            return y.reshape(x.shape), updated(stats, merged)
+
+        def updated(stats: BatchStats, moments: Moments) -> BatchStats:
             flat = Moments(*(a.reshape(feature_shape) for a in moments))
             if momentum == 1.0:  # frozen: bitwise unchanged, count included
-                return y, stats
-            return y, update_running_stats(
+                return stats
+            return update_running_stats(
                 stats, flat, momentum, warmup, unbiased, renorm_update
             )
 
-        if train is True and not allow_one_value:
+        if ghost is not None:
+            g.check_groups(tuple(x.shape), axes, ghost)
+        if (train is True or local_stats) and not allow_one_value:
             _check_enough_values(x.shape, reduction_axes)
         if mask is not None:
             # Padding may hold NaN: read a masked non-finite entry as 0 so it
@@ -365,14 +372,20 @@ def batch_norm(
             x = jnp.where(valid(mask) | jnp.isfinite(x), x, jnp.zeros((), x.dtype))
         operands = (x, mask, batch_stats)
         if isinstance(train, bool):
-            return training(operands) if train else evaluate(operands)
-        return lax.cond(train, training, evaluate, operands)
+            y, stats = training(operands) if train else evaluate(operands)
+        else:
+            y, stats = lax.cond(train, training, evaluate, operands)
+        if zero_masked and mask is not None:
+            y = jnp.where(valid(mask), y, jnp.zeros((), y.dtype))
+        return y, stats
 
     def _check_enough_values(shape: tuple, reduction_axes: tuple) -> None:
         per_device = 1
         for a in reduction_axes:
-            per_device *= shape[a]
+            per_device *= shape[a] if (a or ghost is None) else ghost
         devices = devices_in_axis(axis_name, axis_index_groups)
+        if ghost is not None:
+            devices = 1  # each ghost batch is normalized on its own device
         if 0 < per_device * devices < 2:
             raise ValueError(
                 f"train=True with x of shape {tuple(shape)}: each feature sees "
