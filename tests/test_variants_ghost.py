@@ -29,7 +29,7 @@ def data(shape, seed=0):
 
 def ghost_reference(x, k, eps=1e-5):
     x = np.asarray(x, np.float64)
-    g = x.reshape((x.shape[0] // k, k) + x.shape[1:])
+    g = x.reshape((x.shape[0] // k, k, *x.shape[1:]))
     red = tuple(range(1, g.ndim - 1))
     mean = g.mean(red, keepdims=True)
     var = g.var(red, keepdims=True)
@@ -76,7 +76,7 @@ def test_masked_groups_and_large_mean_merge_exactly():
 
 
 def _plain_ghost(x, k, scale, bias, eps=1e-5):
-    g = x.reshape((x.shape[0] // k, k) + x.shape[1:])
+    g = x.reshape((x.shape[0] // k, k, *x.shape[1:]))
     mean = jnp.mean(g, 1, keepdims=True)
     var = jnp.mean((g - mean) ** 2, 1, keepdims=True)
     y = (g - mean) / jnp.sqrt(var + eps) * scale[None, None] + bias[None, None]
