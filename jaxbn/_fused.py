@@ -28,7 +28,6 @@ from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
 from ._normalize import corrected, normalize, renorm_correction
-from ._fusion import centred_pair
 from ._statistics import (
     SAVED,
     ShiftedMoments,
@@ -100,6 +99,10 @@ def fused_training(
         groups = tuple(tuple(int(i) for i in g) for g in axis_index_groups)
     static = (tuple(reduction_axes), float(epsilon), axis_name, groups, dtype)
     running = lax.stop_gradient((running_mean, running_var, *(renorm or ())))
+    if jnp.iscomplexobj(x):
+        # jax.checkpoint's CSE barrier does not take complex values (jax
+        # 0.10.2); complex input keeps autodiff's own residuals.
+        return _train(static, _sanitized(x, mask), mask, scale, bias, running)
     return _checkpointed(static, x, mask, scale, bias, running)
 
 
@@ -112,11 +115,17 @@ def _checkpointed(
     bias: jax.Array | None,
     running: tuple[jax.Array, ...],
 ) -> tuple[jax.Array, ShiftedMoments]:
-    if mask is not None:
-        # Padding may hold NaN: read a masked non-finite entry as 0 so it
-        # reaches neither the statistics nor any gradient.
-        x = jnp.where(valid(mask) | jnp.isfinite(x), x, jnp.zeros((), x.dtype))
-    return _train(static, x, mask, scale, bias, running)
+    return _train(static, _sanitized(x, mask), mask, scale, bias, running)
+
+
+def _sanitized(x: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """Padding may hold NaN: a masked non-finite entry is read as 0.
+
+    So it reaches neither the statistics nor any gradient.
+    """
+    if mask is None:
+        return x
+    return jnp.where(valid(mask) | jnp.isfinite(x), x, jnp.zeros((), x.dtype))
 
 
 def _forward(
@@ -178,7 +187,7 @@ def _train_jvp(static: tuple, primals: tuple, tangents: tuple) -> tuple:
     """
     x, mask, scale, bias, running = primals
     dx, _, dscale, dbias, _ = tangents
-    axes, epsilon, axis_name, groups, dtype = static
+    axes, epsilon, axis_name, groups, _ = static
     y, m, var, corr = _forward(static, x, mask, scale, bias, running)
     real = var.dtype
     r = lax.rsqrt(var + jnp.asarray(epsilon, real))
@@ -187,10 +196,8 @@ def _train_jvp(static: tuple, primals: tuple, tangents: tuple) -> tuple:
         g = g * corr[0]
     xc = x.astype(m.shift.dtype)
     t = dx.astype(m.shift.dtype)
-    # Two expressions for the same centred x (see ``_fusion.centred_pair``):
-    # one feeds the reduction of the transpose, the other its elementwise pass.
-    c_out, c_sum = centred_pair(xc, m.shift, m.offset)
-    tc = t * jnp.conj(c_sum) if jnp.iscomplexobj(t) else t * c_sum
+    centred = (xc - m.shift) - m.offset
+    tc = t * jnp.conj(centred) if jnp.iscomplexobj(t) else t * centred
     tc = tc.real
     if mask is not None:
         t, tc = weigh(t, mask), weigh(tc, mask)
@@ -208,7 +215,6 @@ def _train_jvp(static: tuple, primals: tuple, tangents: tuple) -> tuple:
         per_1 = per_1 + dbias.astype(real)
     if corr is not None and dscale is not None:
         per_1 = per_1 + dscale.astype(real) * corr[1]
-    dy = g * dx.astype(m.shift.dtype) + c_out * per_c + per_1
+    dy = g * dx.astype(m.shift.dtype) + centred * per_c + per_1
     zeros = jax.tree.map(jnp.zeros_like, m)
     return (y, lax.stop_gradient(m)), (dy.astype(y.dtype), zeros)
-

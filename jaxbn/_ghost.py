@@ -11,11 +11,12 @@ statistics of the whole batch.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import overload
+from typing import Any, overload
 
 import jax
 import jax.numpy as jnp
 
+from ._fused import fused_training
 from ._statistics import (
     AxisName,
     Moments,
@@ -59,6 +60,55 @@ def grouped(a: jax.Array | None, k: int) -> jax.Array | None:
         return None
     head = (a.shape[0] // k, k) if a.shape[0] != 1 else (1, 1)
     return a.reshape(head + tuple(a.shape[1:]))
+
+
+def ghost_training(
+    k: int,
+    x: jax.Array,
+    mask: jax.Array | None,
+    scale: jax.Array | None,
+    bias: jax.Array | None,
+    running_mean: jax.Array,
+    running_var: jax.Array,
+    options: dict[str, Any],
+) -> tuple[jax.Array, Moments]:
+    """``fused_training`` on groups of k examples; returns ``(y, merged)``.
+
+    Args:
+      k: the virtual batch size (it divides ``x.shape[0]``, a batch axis).
+      x: the input.
+      mask: optional mask or weights of x's rank.
+      scale: optional scale of x's rank (per feature or per example).
+      bias: optional bias, like ``scale``.
+      running_mean: the running mean, x's rank with size-1 batch axes.
+      running_var: the running variance, same shape.
+      options: ``fused_training``'s keyword arguments for the whole x.
+
+    Returns:
+      ``y`` shaped like x, and the merged ``Moments`` (no gradient), with x's
+      rank and size-1 batch axes, across the devices of ``axis_name`` too.
+    """
+    kw = dict(options)
+    axis_name, groups = kw.pop("axis_name"), kw.pop("axis_index_groups")
+    renorm = kw.pop("renorm")
+    if renorm is not None:
+        renorm = (grouped(renorm[0], k), grouped(renorm[1], k), *renorm[2:])
+    mean = grouped(running_mean, k)
+    y, m = fused_training(
+        grouped(x, k),
+        grouped(mask, k),
+        grouped(scale, k),
+        grouped(bias, k),
+        mean,
+        grouped(running_var, k),
+        reduction_axes=tuple(a + 1 for a in kw.pop("reduction_axes")),
+        axis_name=None,  # each device's groups are its own
+        axis_index_groups=None,
+        renorm=renorm,
+        **kw,
+    )
+    merged = merge_groups(m, mean, 0, axis_name, groups)
+    return y.reshape(x.shape), Moments(*(a[0] for a in merged))
 
 
 def merge_groups(

@@ -61,8 +61,18 @@ def batch_norm(
        \sigma^2 = \frac{1}{n}\sum_i (x_i - \mu)^2, \qquad
        y = (x - \mu)\,\frac{\gamma}{\sqrt{\sigma^2 + \epsilon}} + \beta .
 
-    The variance is biased (divided by ``n``) and computed in two passes, so it
-    is never negative and stays accurate when the mean is large. Evaluation
+    The variance is biased (divided by ``n``). It is computed from the sums of
+    ``x - K`` and ``|x - K|**2`` around the running mean ``K`` (a shift that
+    does not depend on the batch's order and that every device shares), redone
+    around the batch mean when ``K`` is more than one standard deviation away
+    (at most twice), so it is never negative, loses at most about one bit
+    against an exact two-pass computation, and stays accurate when the mean is
+    large. The statistics are float32 whatever x's dtype (float64 for float64
+    x; for complex x the mean is complex and ``sigma^2 = E|x - mu|^2``). A
+    feature with no valid value (all masked, empty batch) is normalized with
+    the running statistics; an overflowing variance gives ``y = bias``. The
+    training path supports every JAX transformation (``grad``, ``jvp``,
+    ``hessian``, ``vmap``, ...): its derivatives are closed-form. Evaluation
     (``train=False``) uses the running statistics instead, in one elementwise
     pass with no reduction over the batch, and returns them unchanged.
 
@@ -92,8 +102,10 @@ def batch_norm(
       scale: whether to learn a scale (``params["scale"]``).
       warmup: whether the decay warms up as above; default (None): on, except
         for ``momentum=None`` or ``1.0``, with which it is an error.
-      allow_one_value: whether a training batch of one value per feature is
-        accepted (normalized to the bias, as ``flax.linen.BatchNorm`` does).
+      allow_one_value: whether training on one value per feature (a batch of
+        one, or x with no batch axis) is allowed: it normalizes to the bias
+        (variance 0), as ``flax.linen.BatchNorm`` does. By default it raises,
+        since such "statistics" are almost always a mistake.
       axis_name: a named axis (or tuple) of ``jax.vmap``, ``jax.shard_map`` or
         ``jax.pmap`` over which to synchronize statistics. Sharded ``jax.jit``
         needs none: its statistics are already global.
@@ -135,7 +147,8 @@ def batch_norm(
       A ``Layer(init, apply)``. ``init(x, *, key=None)`` returns ``(params,
       batch_stats)`` with ``params = {"scale", "bias"}`` (param_dtype, feature
       shape; a key is absent when disabled) and ``batch_stats = {"mean": zeros,
-      "var": ones, "count": 0}`` (float32 feature shape, int32 scalar); ``key``
+      "var": ones, "count": 0}`` (float32 feature shape, float64 for float64
+      x, a complex mean for complex x; int32 scalar count); ``key``
       defaults to ``jax.random.key(0)`` and is used only by random initializers.
       ``apply(params, batch_stats, x, *, train, mask=None, weights=None)`` returns
       ``(y, batch_stats)``. ``train`` is a Python bool, or a scalar boolean array to
@@ -156,20 +169,21 @@ def batch_norm(
       Sonnet's ``scale=``/``offset=``); gradients flow to them.
 
     Raises:
-      TypeError: for a non-floating x, dtype or param_dtype; a ``train`` that is
-        not a bool or a scalar boolean array; a non-boolean mask; non-floating
-        weights, scale or offset; statistics of the wrong dtype; ``renorm``
-        with complex x.
+      TypeError: for an integer or boolean x; a non-floating dtype or
+        param_dtype; a ``train`` that is not a bool or a scalar boolean array; a
+        non-boolean mask; statistics of the wrong dtype (e.g. a real mean for
+        complex x); non-floating weights, scale or offset; ``renorm`` with
+        complex x.
       ValueError: for an axis out of range or repeated; momentum outside
         ``[0, 1]``; ``warmup=True`` with momentum None or 1.0; a non-positive
-        epsilon; params or batch_stats with missing keys or wrong shapes;
-        weights that do not broadcast to x or are negative (when concrete);
-        a call-time scale or offset that does not broadcast to x or that the
-        layer also learns; an unknown ``eval_mode`` or ``running_var``;
-        ``rmax < 1``, ``dmax < 0``, or renorm options without ``renorm``;
-        a ``virtual_batch_size`` that does not divide the batch;
-        training (``train=True``) with fewer than two values per feature,
-        counting the devices of ``axis_name``.
+        epsilon; params or batch_stats with missing keys or wrong shapes; a mask
+        that does not broadcast to x; weights that do not broadcast to x or are
+        negative (when concrete); a call-time scale or offset that does not
+        broadcast to x or that the layer also learns; an unknown ``eval_mode``
+        or ``running_var``; ``rmax < 1``, ``dmax < 0``, or renorm options
+        without ``renorm``; a ``virtual_batch_size`` that does not divide the
+        batch; training (``train=True``) with one value per feature, counting
+        the devices of ``axis_name`` (unless ``allow_one_value``).
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -178,7 +192,7 @@ def batch_norm(
       >>> x = jnp.array([[1.0, 10.0], [3.0, 30.0]])
       >>> params, stats = layer.init(x)
       >>> y, stats = layer.apply(params, stats, x, train=True)
-      >>> y
+      >>> jnp.round(y, 4)  # (x - mean) / sqrt(var + 1e-5), rounded
       Array([[-1., -1.],
              [ 1.,  1.]], dtype=float32)
       >>> stats["mean"], stats["count"]  # first update: d = 1/10
@@ -315,44 +329,23 @@ def batch_norm(
 
         def training(operands: tuple) -> tuple[jax.Array, BatchStats]:
             x, mask, stats = operands
+            mean, var = stats["mean"].reshape(kept), stats["var"].reshape(kept)
+            kw = {
+                "reduction_axes": reduction_axes,
+                "epsilon": epsilon,
+                "axis_name": axis_name,
+                "axis_index_groups": axis_index_groups,
+                "dtype": out_dtype,
+                "renorm": o.renorm_operands(stats, kept, renorm_options, x.dtype),
+            }
             if ghost is not None:
-                return ghost_training(x, mask, stats)
-            y, m = fused_training(
-                x,
-                mask,
-                gamma,
-                beta,
-                stats["mean"].reshape(kept),
-                stats["var"].reshape(kept),
-                reduction_axes=reduction_axes,
-                epsilon=epsilon,
-                axis_name=axis_name,
-                axis_index_groups=axis_index_groups,
-                dtype=out_dtype,
-                renorm=o.renorm_operands(stats, kept, renorm_options, x.dtype),
-            )
+                y, moments = g.ghost_training(
+                    ghost, x, mask, gamma, beta, mean, var, kw
+                )
+                return y, updated(stats, moments)
+            y, m = fused_training(x, mask, gamma, beta, mean, var, **kw)
             moments = Moments(m.count, m.shift + m.offset, m.var)
             return y, updated(stats, moments)
-
-        def ghost_training(x: jax.Array, mask: Any, stats: BatchStats) -> tuple:
-            assert ghost is not None
-            mean = g.grouped(stats["mean"].reshape(kept), ghost)
-            y, m = fused_training(
-                g.grouped(x, ghost),
-                g.grouped(mask, ghost),
-                g.grouped(gamma, ghost),
-                g.grouped(beta, ghost),
-                mean,
-                g.grouped(stats["var"].reshape(kept), ghost),
-                reduction_axes=tuple(a + 1 for a in reduction_axes),
-                epsilon=epsilon,
-                axis_name=None,  # each device's groups are its own
-                axis_index_groups=None,
-                dtype=out_dtype,
-                renorm=o.renorm_operands(stats, (1, *kept), renorm_options, x.dtype),
-            )
-            merged = g.merge_groups(m, mean, 0, axis_name, axis_index_groups)
-            return y.reshape(x.shape), updated(stats, merged)
 
         def updated(stats: BatchStats, moments: Moments) -> BatchStats:
             flat = Moments(*(a.reshape(feature_shape) for a in moments))

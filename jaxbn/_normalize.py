@@ -14,7 +14,6 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ._fusion import scaled
 from ._statistics import mean_dtype
 
 
@@ -60,8 +59,8 @@ def normalize(
     inv_std = lax.rsqrt(var + jnp.asarray(epsilon, real))
     xc = x.astype(compute)
     centred = xc - mean if shift is None else (xc - shift) - mean
-    gamma = None if scale is None else scale.astype(real)
-    y = scaled(centred, inv_std, gamma)
+    multiplier = inv_std if scale is None else inv_std * scale.astype(real)
+    y = centred * multiplier
     if bias is not None:
         y = y + bias.astype(real)
     return y.astype(dtype)

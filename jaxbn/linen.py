@@ -78,7 +78,7 @@ class BatchNorm(nn.Module):
       >>> jax.tree.map(jnp.shape, variables["batch_stats"])
       {'count': (), 'mean': (2,), 'var': (2,)}
       >>> y, updates = model.apply(variables, x, mutable=["batch_stats"])
-      >>> y
+      >>> jnp.round(y, 4)
       Array([[-1., -1.],
              [ 1.,  1.]], dtype=float32)
       >>> updates["batch_stats"]["mean"], updates["batch_stats"]["count"]

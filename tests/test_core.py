@@ -309,4 +309,3 @@ def test_non_finite_batch_leaves_statistics_unchanged():
     assert not np.all(np.isfinite(np.asarray(y)))  # the loss shows it
     for k in stats:
         np.testing.assert_array_equal(after[k], stats[k])
-
