@@ -174,3 +174,33 @@ def test_unbiased_running_variance_matches_torch_batchnorm1d(n, torch_momentum):
 def test_variant_hyperparameter_errors(kwargs, error, match):
     with pytest.raises(error, match=match):
         jaxbn.batch_norm(**kwargs)
+
+
+def test_readme_fine_tuning_recipe_freezes_batch_norm_parameters_and_statistics():
+    optax = pytest.importorskip("optax", reason="optax (test extra) is not installed")
+    layer = jaxbn.batch_norm()
+    x = jnp.asarray(batches(1, (8, 4))[0])
+    bn_params, bn_stats = layer.init(x)
+    bn_params = jax.tree.map(lambda a: a + 0.5, bn_params)
+    params = {"dense": {"w": jnp.eye(4) + 0.1}, "bn": bn_params}
+    labels = {
+        "dense": {"w": "train"},
+        "bn": jax.tree.map(lambda _: "freeze", bn_params),
+    }
+    tx = optax.multi_transform(
+        {"train": optax.adam(1e-2), "freeze": optax.set_to_zero()}, labels
+    )
+    opt_state = tx.init(params)
+
+    def loss(params, x):
+        h = x @ params["dense"]["w"]
+        y, stats = layer.apply(params["bn"], bn_stats, h, train=False)
+        return jnp.sum(y**2), stats
+
+    (_, stats), grads = jax.value_and_grad(loss, has_aux=True)(params, x)
+    assert np.any(np.asarray(grads["bn"]["scale"]) != 0)  # gradients do reach bn
+    updates, opt_state = tx.update(grads, opt_state, params)
+    new = optax.apply_updates(params, updates)
+    jax.tree.map(np.testing.assert_array_equal, new["bn"], params["bn"])
+    jax.tree.map(np.testing.assert_array_equal, stats, bn_stats)
+    assert np.any(np.asarray(new["dense"]["w"]) != np.asarray(params["dense"]["w"]))
