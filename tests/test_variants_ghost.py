@@ -39,9 +39,9 @@ def ghost_reference(x, k, eps=1e-5):
 
 
 @pytest.mark.parametrize(
-    ("shape", "k"), [((32, 3), 8), ((12, 2, 2, 3), 4), ((6, 5), 6)]
+    ("shape", "k", "use_jit"),
+    [((32, 3), 8, True), ((12, 2, 2, 3), 4, False), ((6, 5), 6, True)],
 )
-@pytest.mark.parametrize("use_jit", [False, True])
 def test_each_group_is_normalized_alone_and_the_running_stats_merge(shape, k, use_jit):
     x = data(shape)
     layer = jaxbn.batch_norm(momentum=0.0, warmup=False, virtual_batch_size=k)
