@@ -138,7 +138,7 @@ def split_jaxbn(
     Raises:
       TypeError: if params or batch_stats is not a dict.
       ValueError: for a missing statistic, an unknown key, mismatched shapes, or
-        a count that is not an integer scalar.
+        a count that is not a whole-number scalar.
     """
     if not isinstance(params, Mapping) or not isinstance(batch_stats, Mapping):
         raise TypeError(
@@ -152,11 +152,12 @@ def split_jaxbn(
             f"params has unexpected keys {sorted(extra)}; expected a subset of "
             "['bias', 'scale'] (pass the params of one batch-norm layer)."
         )
-    missing = {"mean", "var", "count"} - set(batch_stats)
+    missing = {"mean", "var"} - set(batch_stats)
     if missing:
         raise ValueError(
             f"batch_stats lacks {sorted(missing)}; expected the keys ['count', "
-            "'mean', 'var'] of one jaxbn batch-norm layer."
+            "'mean', 'var'] of one jaxbn batch-norm layer ('count' may be absent "
+            "for a Flax adapter built with warmup=False)."
         )
     # Writable copies (a jax array's NumPy view is read-only, which PyTorch
     # warns about when it wraps one).
@@ -170,10 +171,17 @@ def split_jaxbn(
                 f"{name} has shape {arr.shape} but mean has shape {mean.shape}; "
                 "params and batch_stats must belong to the same layer."
             )
-    count = np.asarray(batch_stats["count"])
-    if count.shape != () or not jnp.issubdtype(count.dtype, jnp.integer):
+    # The core keeps an int32 count; the Flax adapters a float32 one (whole
+    # numbers), or none with warmup=False (statistics are then "converged").
+    count = np.asarray(batch_stats.get("count", CONVERGED_COUNT))
+    whole = jnp.issubdtype(count.dtype, jnp.integer) or (
+        jnp.issubdtype(count.dtype, jnp.floating)
+        and count.shape == ()
+        and float(count) == int(float(count))
+    )
+    if count.shape != () or not whole:
         raise ValueError(
-            f"batch_stats['count'] must be an integer scalar, got shape "
+            f"batch_stats['count'] must be a whole-number scalar, got shape "
             f"{count.shape} and dtype {count.dtype}."
         )
     return scale, bias, mean, var, int(count)

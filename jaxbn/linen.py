@@ -2,8 +2,8 @@
 
 Replace ``nn.BatchNorm`` with ``jaxbn.linen.BatchNorm`` and keep the rest of the
 model: the same fields, the same variables (``params``: scale, bias;
-``batch_stats``: mean, var, plus jaxbn's ``count``) and the same
-``model.apply(variables, x, mutable=['batch_stats'])``. The maths is
+``batch_stats``: mean, var, plus jaxbn's ``count`` when ``warmup=True``) and
+the same ``model.apply(variables, x, mutable=['batch_stats'])``. The maths is
 :func:`jaxbn.batch_norm`'s; this module only owns the Flax variables.
 """
 
@@ -31,14 +31,13 @@ class BatchNorm(nn.Module):
     Flax:
 
     * ``warmup=True`` (default) warms the running-average decay up from 0.1 to
-      ``momentum`` over the first updates, which ``batch_stats['count']``
-      counts. ``warmup=False`` updates exactly like Flax.
-    * Statistics are always computed in float32 and in two passes:
-      ``use_fast_variance`` and ``force_float32_reductions`` are accepted and
-      ignored, and running statistics are always float32.
-    * During ``init`` the layer normalizes with the initial statistics (mean 0,
-      var 1) whatever the mode, so init works with any batch (even a single
-      example) and outside ``shard_map``; like Flax, init records nothing.
+      ``momentum`` over the first updates, which ``batch_stats['count']`` (a
+      float32 scalar, exact up to ``2**24`` updates) counts. ``warmup=False``
+      updates exactly like Flax and has exactly Flax's variables (no count).
+    * Statistics are always computed in float32 (or wider, for float64 or
+      complex x) and in two passes: ``use_fast_variance`` and
+      ``force_float32_reductions`` are accepted and ignored, and running
+      statistics are never kept in a lower precision.
     * Training without ``mutable=['batch_stats']`` raises a ``ValueError`` that
       says so, instead of silently dropping or failing on the update.
     * Variables from ``flax.linen.BatchNorm`` (no ``count``) are treated as
@@ -46,6 +45,11 @@ class BatchNorm(nn.Module):
       :func:`from_flax_variables` once after loading to make this explicit.
     * ``use_running_average`` may also be a scalar boolean array, choosing the
       mode at run time in one compiled function.
+
+    As in Flax, ``init`` records nothing and, in training mode, normalizes with
+    the batch's own statistics (without ``axis_name`` synchronization, so it
+    runs outside ``shard_map``); a single value per feature normalizes to the
+    bias; integer x is promoted to float; complex x is supported.
 
     Attributes:
       use_running_average: if True, normalize with the stored statistics
@@ -61,7 +65,7 @@ class BatchNorm(nn.Module):
       bias_init: initializer of the bias.
       scale_init: initializer of the scale.
       axis_name: named axis of ``shard_map``/``pmap``/``vmap`` over which to
-        synchronize statistics (not used during init).
+        synchronize statistics (not used during init, as in Flax).
       axis_index_groups: groups of ``axis_name`` indices with separate statistics.
       use_fast_variance: accepted for compatibility; jaxbn's variance is always
         the stable two-pass one.
@@ -82,7 +86,11 @@ class BatchNorm(nn.Module):
       Array([[-1., -1.],
              [ 1.,  1.]], dtype=float32)
       >>> updates["batch_stats"]["mean"], updates["batch_stats"]["count"]
-      (Array([ 1.8, 18. ], dtype=float32), Array(1, dtype=int32))
+      (Array([ 1.8, 18. ], dtype=float32), Array(1., dtype=float32))
+      >>> flax_like = jaxbn.linen.BatchNorm(use_running_average=False, warmup=False)
+      >>> flax_vars = flax_like.init(jax.random.key(0), x)
+      >>> {name: sorted(flax_vars[name]) for name in sorted(flax_vars)}
+      {'batch_stats': ['mean', 'var'], 'params': ['bias', 'scale']}
     """
 
     use_running_average: bool | None = None
@@ -112,10 +120,13 @@ class BatchNorm(nn.Module):
         """Normalizes ``x``, updating ``batch_stats`` in training.
 
         Args:
-          x: the input, a floating array.
+          x: the input: a floating or complex array (integers are promoted to
+            float, as in Flax). It needs no batch axis: a single value per
+            feature (a batch of one, or one example under ``nn.vmap`` without
+            ``axis_name``) normalizes to the bias in training, as in Flax.
           use_running_average: overrides the field (give it in one place only).
-          mask: optional boolean array broadcastable to x; the statistics use only
-            its True entries.
+          mask: optional boolean array broadcastable to x (NumPy's rules); the
+            statistics use only its True entries.
 
         Returns:
           The normalized x, in ``dtype``.
@@ -125,17 +136,20 @@ class BatchNorm(nn.Module):
             ``mutable=['batch_stats']``; for ``use_running_average`` given in
             both or neither place; for the core's errors (see
             :func:`jaxbn.batch_norm`).
-          TypeError: for the core's type errors (e.g. integer x).
+          TypeError: for the core's type errors (e.g. a non-boolean mask).
         """
         use_running_average = nn.merge_param(
             "use_running_average", self.use_running_average, use_running_average
         )
         train = compat.train_flag(use_running_average)
+        x = compat.as_inexact(x)
         features = compat.feature_shape(x, self.axis)
         initializing = self.is_initializing()
-        if initializing:
-            train = False  # like Flax, init records nothing
-        elif train is not False and not self.is_mutable_collection("batch_stats"):
+        if (
+            not initializing
+            and train is not False
+            and not self.is_mutable_collection("batch_stats")
+        ):
             raise ValueError(
                 "jaxbn.linen.BatchNorm is training (use_running_average=False) but "
                 "the 'batch_stats' collection is not mutable, so its running "
@@ -158,34 +172,50 @@ class BatchNorm(nn.Module):
         def initial(name: str) -> jax.Array:
             return compat.initial_stats(features)[name]
 
-        # Statistics saved by flax.linen.BatchNorm have no count: converged.
+        # Statistics saved by flax.linen.BatchNorm have no count.
         from_flax = self.has_variable("batch_stats", "mean") and not self.has_variable(
             "batch_stats", "count"
         )
-        first_count = jnp.asarray(CONVERGED_COUNT if from_flax else 0, jnp.int32)
         mean = self.variable("batch_stats", "mean", initial, "mean")
         var = self.variable("batch_stats", "var", initial, "var")
-        count = None
-        if self.is_mutable_collection("batch_stats") or not from_flax:
-            count = self.variable("batch_stats", "count", lambda: first_count)
-        stats = {
-            "mean": mean.value,
-            "var": var.value,
-            "count": first_count if count is None else count.value,
-        }
+        count, count_value = _count_variable(self, from_flax)
+        stats = compat.core_stats(mean.value, var.value, count_value, x.dtype)
 
         out_dtype = self.dtype
         if out_dtype is None:  # Flax's promotion of x with the params
             out_dtype = jnp.result_type(x, *params.values())
-        layer = compat.core_layer(self, out_dtype)
+        layer = compat.core_layer(self, out_dtype, initializing=initializing)
+        # Like Flax, init normalizes with the batch's statistics when training
+        # (alone, without axis_name) and records nothing.
         y, stats = layer.apply(params, stats, x, train=train, mask=mask)
-        if train is not False and count is not None:
-            mean.value, var.value, count.value = (
-                stats["mean"],
-                stats["var"],
-                stats["count"],
-            )
+        y = compat.cast_output(y, out_dtype)
+        if train is not False and not initializing:
+            mean.value, var.value = stats["mean"], stats["var"]
+            if count is not None:
+                count.value = compat.stored_count(stats["count"])
         return y
+
+
+def _count_variable(module: BatchNorm, from_flax: bool) -> tuple[Any, Any]:
+    """The ``count`` variable of ``module`` (or None) and the count for the core.
+
+    With ``warmup=False`` there is no count: the variables are Flax's.
+    Statistics saved by ``flax.linen.BatchNorm`` have no count: they are
+    treated as converged, and the count is created once the collection is
+    mutable. (A function, not a method: Flax's summaries list every method
+    call of a module.)
+    """
+    if not module.warmup:
+        return None, 0
+    first = CONVERGED_COUNT if from_flax else 0
+    if from_flax and not module.is_mutable_collection("batch_stats"):
+        return None, first
+    count = module.variable(
+        "batch_stats",
+        "count",
+        lambda: jnp.asarray(first, compat.COUNT_DTYPE),  # shape=(), float32
+    )
+    return count, count.value
 
 
 def from_flax_variables(
@@ -193,9 +223,11 @@ def from_flax_variables(
 ) -> dict[str, Any]:
     """Variables of a model using ``flax.linen.BatchNorm``, ready for jaxbn.
 
-    Adds ``count`` (int32) to every ``batch_stats`` entry that has ``mean`` and
-    ``var`` but no ``count``, and leaves everything else as it is (an existing
-    ``count`` is kept). The default count, :data:`CONVERGED_COUNT` (``2**30``),
+    Only needed with ``warmup=True`` (the default): with ``warmup=False`` the
+    variables are Flax's as they are. Adds ``count`` (float32) to every
+    ``batch_stats`` entry that has ``mean`` and ``var`` but no ``count``, and
+    leaves everything else as it is (an existing ``count`` is kept). The
+    default count, :data:`CONVERGED_COUNT` (``2**30``),
     marks the statistics as converged: warm-up is over and the decay is
     ``momentum`` from the first step, as in Flax, so fine-tuning does not
     overwrite pretrained statistics with the first batch's. Pass ``count=0``
@@ -222,7 +254,7 @@ def from_flax_variables(
       >>> old = nn.BatchNorm(use_running_average=True).init(jax.random.key(0), x)
       >>> variables = jaxbn.linen.from_flax_variables(old)
       >>> variables["batch_stats"]["count"]
-      Array(1073741824, dtype=int32)
+      Array(1.0737418e+09, dtype=float32)
       >>> model = jaxbn.linen.BatchNorm(use_running_average=True)
       >>> model.apply(variables, x).shape
       (4, 3)

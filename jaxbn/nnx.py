@@ -3,8 +3,8 @@
 Replace ``nnx.BatchNorm`` with ``jaxbn.nnx.BatchNorm`` and keep the rest of the
 model: the same constructor, ``model.train()`` / ``model.eval()``, ``nnx.jit``
 and ``nnx.Optimizer``. The running statistics are ``nnx.BatchStat`` variables
-``mean``, ``var`` and jaxbn's ``count``. The maths is :func:`jaxbn.batch_norm`'s;
-this module only owns the variables.
+``mean``, ``var`` and, with ``warmup=True``, jaxbn's ``count``. The maths is
+:func:`jaxbn.batch_norm`'s; this module only owns the variables.
 """
 
 from __future__ import annotations
@@ -43,13 +43,20 @@ class BatchNorm(nnx.Module):
 
     * ``warmup=True`` (default) warms the running-average decay up from 0.1 to
       ``momentum`` over the first updates, counted by the ``count``
-      ``nnx.BatchStat``. ``warmup=False`` updates exactly like Flax.
-    * Statistics are computed from x in float32 and in two passes, whatever
-      ``dtype``: ``use_fast_variance`` is accepted and ignored, and
-      ``promote_dtype`` only decides the output dtype (by default the promotion
-      of x, the statistics and the params, as in Flax).
+      ``nnx.BatchStat`` (a float32 scalar, exact up to ``2**24`` updates, so
+      that ``nnx.grad`` of a whole module works). ``warmup=False`` updates
+      exactly like Flax and has exactly Flax's variables (no ``count``).
+    * Statistics are computed from x in float32 (or wider, for float64 or
+      complex x) and in two passes, whatever ``dtype``: ``use_fast_variance``
+      is accepted and ignored, and ``promote_dtype`` only decides the output
+      dtype (by default the promotion of x, the statistics and the params, as
+      in Flax).
     * ``use_running_average`` may also be a scalar boolean array, choosing the
       mode at run time in one compiled function.
+
+    As in Flax, a single value per feature (a batch of one, or one example
+    under ``nnx.vmap`` without ``axis_name``) normalizes to the bias in
+    training, integer x is promoted to float and complex x is supported.
 
     Args:
       num_features: the number of features (for several feature axes, their
@@ -92,11 +99,11 @@ class BatchNorm(nnx.Module):
       Array([[-1., -1.],
              [ 1.,  1.]], dtype=float32)
       >>> bn.mean[...], bn.count[...]
-      (Array([ 1.8, 18. ], dtype=float32), Array(1, dtype=int32))
+      (Array([ 1.8, 18. ], dtype=float32), Array(1., dtype=float32))
       >>> bn.eval()
       >>> y = bn(x)
       >>> bn.count[...]  # evaluation leaves the statistics alone
-      Array(1, dtype=int32)
+      Array(1., dtype=float32)
     """
 
     def __init__(
@@ -126,7 +133,10 @@ class BatchNorm(nnx.Module):
         stats = compat.initial_stats(feature_shape)
         self.mean = nnx.BatchStat(stats["mean"])  # shape=(num_features,), f32
         self.var = nnx.BatchStat(stats["var"])  # shape=(num_features,), f32
-        self.count = nnx.BatchStat(stats["count"])  # shape=(), int32
+        self.count: nnx.BatchStat[jax.Array]  # only with warmup=True
+        if warmup:  # with warmup=False the variables are exactly Flax's
+            # shape=(), float32: updates so far (float, so grad never sees an int)
+            self.count = nnx.BatchStat(jnp.zeros((), compat.COUNT_DTYPE))
 
         self.scale: nnx.Param[jax.Array] | None
         if use_scale:
@@ -171,10 +181,11 @@ class BatchNorm(nnx.Module):
         """Normalizes ``x``, updating the statistics in training.
 
         Args:
-          x: the input, a floating array.
+          x: the input: a floating or complex array (integers are promoted to
+            float, as in Flax), with or without batch axes.
           use_running_average: overrides the attribute for this call.
-          mask: optional boolean array broadcastable to x; the statistics use only
-            its True entries.
+          mask: optional boolean array broadcastable to x (NumPy's rules); the
+            statistics use only its True entries.
 
         Returns:
           The normalized x.
@@ -182,13 +193,14 @@ class BatchNorm(nnx.Module):
         Raises:
           ValueError: if x's features do not number ``num_features``; if no
             mode is set; for the core's errors (see :func:`jaxbn.batch_norm`).
-          TypeError: for the core's type errors (e.g. integer x).
+          TypeError: for the core's type errors (e.g. a non-boolean mask).
         """
         if use_running_average is None:
             use_running_average = self.use_running_average
         if use_running_average is None:
             raise ValueError(_NO_MODE)
         train = compat.train_flag(use_running_average)
+        x = compat.as_inexact(x)
         features = compat.feature_shape(x, self.axis)
         if math.prod(features) != self.num_features:
             raise ValueError(
@@ -204,21 +216,29 @@ class BatchNorm(nnx.Module):
             params["scale"] = scale.reshape(features)
         if bias is not None:
             params["bias"] = bias.reshape(features)
-        stats = {
-            "mean": self.mean[...].reshape(features),
-            "var": self.var[...].reshape(features),
-            "count": self.count[...],
-        }
-        promoted = jax.eval_shape(
-            lambda args: self.promote_dtype(args, dtype=self.dtype),
-            (x, stats["mean"], stats["var"], scale, bias),
+        stats = compat.core_stats(
+            self.mean[...].reshape(features),
+            self.var[...].reshape(features),
+            self.count[...] if self.warmup else 0,
+            x.dtype,
         )
-        layer = compat.core_layer(self, promoted[0].dtype)
+
+        def output_dtype(args: tuple) -> jax.Array:  # Flax's promotion
+            x, _, _, scale, bias = self.promote_dtype(args, dtype=self.dtype)
+            dtype = dtypes.canonicalize_dtype(x, scale, bias, dtype=self.dtype)
+            return jnp.zeros((), dtype)
+
+        out_dtype = jax.eval_shape(
+            output_dtype, (x, stats["mean"], stats["var"], scale, bias)
+        ).dtype
+        layer = compat.core_layer(self, out_dtype)
         y, stats = layer.apply(params, stats, x, train=train, mask=mask)
+        y = compat.cast_output(y, out_dtype)
         if train is not False:
-            self.mean[...] = stats["mean"].reshape(self.mean.shape)
-            self.var[...] = stats["var"].reshape(self.var.shape)
-            self.count[...] = stats["count"]
+            _store(self.mean, stats["mean"])
+            _store(self.var, stats["var"])
+            if self.warmup:
+                self.count[...] = compat.stored_count(stats["count"])
         return y
 
     def set_view(self, use_running_average: bool | None = None) -> None:
@@ -231,8 +251,23 @@ class BatchNorm(nnx.Module):
             self.use_running_average = use_running_average
 
 
+def _store(variable: nnx.BatchStat, value: jax.Array) -> None:
+    """Writes running statistics into ``variable`` in its dtype and shape.
+
+    A complex mean (complex x) replaces a real one, as in Flax Linen: writing
+    it into the float32 array would drop its imaginary part.
+    """
+    value = value.reshape(variable.shape)
+    if jnp.iscomplexobj(value) and not jnp.iscomplexobj(variable[...]):
+        variable.set_value(value)
+    else:
+        variable[...] = value.astype(variable.dtype)
+
+
 def mark_converged(module: nnx.Module, count: int = CONVERGED_COUNT) -> None:
     """Marks the statistics of every ``jaxbn.nnx.BatchNorm`` in ``module`` converged.
+
+    Only layers with ``warmup=True`` have a ``count``; the others are left alone.
 
     Use it after loading statistics trained with ``flax.nnx.BatchNorm`` (which
     have no ``count``) into a model built with jaxbn, e.g. with
@@ -254,9 +289,9 @@ def mark_converged(module: nnx.Module, count: int = CONVERGED_COUNT) -> None:
       >>> bn = jaxbn.nnx.BatchNorm(3, rngs=nnx.Rngs(0))
       >>> jaxbn.nnx.mark_converged(bn)
       >>> bn.count[...]
-      Array(1073741824, dtype=int32)
+      Array(1.0737418e+09, dtype=float32)
     """
     count = compat.check_count(count)
     for _, child in nnx.iter_modules(module):
-        if isinstance(child, BatchNorm):
-            child.count[...] = jnp.asarray(count, jnp.int32)
+        if isinstance(child, BatchNorm) and child.warmup:
+            child.count[...] = jnp.asarray(count, compat.COUNT_DTYPE)

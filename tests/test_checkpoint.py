@@ -1,7 +1,7 @@
 """Checkpointing: params and batch statistics saved with orbax, restored elsewhere.
 
 The test trains a small ``jaxbn.linen`` model for a few steps, saves its
-variables (``params`` and ``batch_stats`` with the int32 ``count``) with
+variables (``params`` and ``batch_stats`` with the ``count``: float32 in the Flax adapters) with
 ``orbax.checkpoint.StandardCheckpointer``, and restores them in a fresh Python
 process (``tests/checkpoint_worker.py``), which evaluates the model and writes
 the restored variables and outputs: both must be bitwise equal to the

@@ -257,11 +257,23 @@ def test_to_converters_check_jaxbn_variables():
     with pytest.raises(ValueError, match="unexpected keys"):
         interop.to_torch({**params, "gamma": params["scale"]}, stats)
     with pytest.raises(ValueError, match="lacks"):
-        interop.to_keras(params, {"mean": stats["mean"], "var": stats["var"]})
+        interop.to_keras(params, {"mean": stats["mean"], "count": stats["count"]})
     with pytest.raises(ValueError, match="scale has shape"):
         interop.to_flax({**params, "scale": jnp.ones(4)}, stats)
-    with pytest.raises(ValueError, match="integer scalar"):
+    with pytest.raises(ValueError, match="whole-number scalar"):
         interop.to_torch(params, {**stats, "count": jnp.ones(3)})
+    with pytest.raises(ValueError, match="whole-number scalar"):
+        interop.to_torch(params, {**stats, "count": jnp.float32(2.5)})
+
+
+def test_to_converters_take_flax_adapter_statistics():
+    # The Flax adapters keep a float32 count (warm-up) or none (warmup=False).
+    params, stats = _random_variables(3)
+    want = interop.to_torch(params, stats)
+    for count in ({"count": jnp.float32(stats["count"])}, {}):
+        adapter_stats = {"mean": stats["mean"], "var": stats["var"], **count}
+        got = interop.to_torch(params, adapter_stats)
+        np.testing.assert_array_equal(got["running_var"], want["running_var"])
     with pytest.raises(TypeError, match="dicts returned by jaxbn"):
         interop.to_torch([params], stats)  # type: ignore[arg-type]
 

@@ -48,8 +48,8 @@ def data(step: int, shape: tuple, dtype: Any = jnp.float32) -> jax.Array:
 
 
 def stats_only(batch_stats: Any) -> Any:
-    """Flax's view of jaxbn's statistics: without count."""
-    if "count" in batch_stats:
+    """Flax's view of jaxbn's statistics: without count (warm-up on)."""
+    if "mean" in batch_stats:
         return {k: v for k, v in batch_stats.items() if k != "count"}
     return {k: stats_only(v) for k, v in batch_stats.items()}
 
@@ -79,14 +79,14 @@ def train_both(ref, ours, shape, dtype, tol, steps=4):
     n = x.size // ours.init(jax.random.key(0), x)["batch_stats"]["mean"].size
     v_ref = ref.init(jax.random.key(0), x)
     v_ours = ours.init(jax.random.key(0), x)
-    assert_close(v_ours.get("params"), v_ref.get("params"), 0.0)
+    assert_close(v_ours, v_ref, 0.0)  # warmup=False: exactly Flax's variables
     for step in range(steps):
         x = data(step, shape, dtype)
         y_ref, g_ref, v_ref = train_step(ref, v_ref, x)
         y_ours, g_ours, v_ours = train_step(ours, v_ours, x)
         assert_close(y_ours, y_ref, tol)
         assert_grads_close(g_ours, g_ref, tol, n)
-        assert_close(stats_only(v_ours["batch_stats"]), v_ref["batch_stats"], tol)
+        assert_close(v_ours["batch_stats"], v_ref["batch_stats"], tol)
     assert_close(eval_step(ours, v_ours, x), eval_step(ref, v_ref, x), tol)
     return v_ref, v_ours
 
@@ -138,7 +138,7 @@ def test_parity_mask():
     variables = ours.init(jax.random.key(0), x)
     y_ours, s_ours = ours.apply(variables, x, mask=mask, mutable=["batch_stats"])
     assert_close(y_ours, y_ref, 1e-6)
-    assert_close(stats_only(s_ours["batch_stats"]), s_ref["batch_stats"], 1e-6)
+    assert_close(s_ours["batch_stats"], s_ref["batch_stats"], 1e-6)
 
 
 def test_training_without_mutable_batch_stats_says_to_pass_it():
@@ -153,16 +153,36 @@ def test_training_without_mutable_batch_stats_says_to_pass_it():
 
 
 def test_init_records_nothing_and_takes_one_example():
-    model = jaxbn.linen.BatchNorm(use_running_average=False, axis_name="batch")
-    variables = model.init(jax.random.key(0), jnp.ones((1, 3)))  # outside vmap
+    model = jaxbn.linen.BatchNorm(
+        use_running_average=False, axis_name="batch", bias_init=nn.initializers.ones
+    )
+    # Outside vmap, one example: like Flax, normalized alone (to the bias).
+    y, variables = model.init_with_output(jax.random.key(0), data(0, (1, 3)))
+    chex.assert_trees_all_equal(y, jnp.ones((1, 3)))
     chex.assert_trees_all_equal(
         variables["batch_stats"],
         {
             "mean": jnp.zeros(3),
             "var": jnp.ones(3),
-            "count": jnp.zeros((), jnp.int32),
+            "count": jnp.zeros((), jnp.float32),
         },
     )
+
+
+def test_count_is_float32_exact_then_saturates():
+    model = jaxbn.linen.BatchNorm(use_running_average=False)
+    x = data(0, (4, 3))
+    variables: Any = model.init(jax.random.key(0), x)
+    assert variables["batch_stats"]["count"].dtype == jnp.float32
+    top = 2**24  # float32 counts exactly up to here; then increments may round away
+    converged = jaxbn.linen.CONVERGED_COUNT
+    cases = [(0, 1), (top - 2, top - 1), (top - 1, top), (converged, converged)]
+    for start, expected in cases:
+        stats = {**variables["batch_stats"], "count": jnp.float32(start)}
+        _, updates = model.apply(
+            {**variables, "batch_stats": stats}, x, mutable=["batch_stats"]
+        )
+        assert updates["batch_stats"]["count"] == expected
 
 
 def test_use_running_average_given_once():
@@ -214,7 +234,8 @@ def test_from_flax_variables_continues_like_flax():
     _, _, v_ref = train_step(ref, old, x)
     _, _, v_ours = train_step(ours, variables, x)
     assert_close(stats_only(v_ours["batch_stats"]), v_ref["batch_stats"], 1e-6)
-    assert int(v_ours["batch_stats"]["count"]) == jaxbn.linen.CONVERGED_COUNT + 1
+    # 2**30 + 1 rounds to 2**30 in float32: the count stays converged.
+    assert int(v_ours["batch_stats"]["count"]) == jaxbn.linen.CONVERGED_COUNT
     assert_close(eval_step(ours, v_ours, x), eval_step(ref, v_ref, x), 1e-6)
 
 
@@ -226,7 +247,11 @@ def test_flax_variables_without_count_are_converged():
     _, _, v_ref = train_step(ref, old, x)
     _, _, v_ours = train_step(ours, old, x)  # count is created, converged
     assert_close(stats_only(v_ours["batch_stats"]), v_ref["batch_stats"], 1e-6)
-    assert int(v_ours["batch_stats"]["count"]) == jaxbn.linen.CONVERGED_COUNT + 1
+    assert int(v_ours["batch_stats"]["count"]) == jaxbn.linen.CONVERGED_COUNT
+    # With warmup=False, Flax's variables are used as they are.
+    flax_like = jaxbn.linen.BatchNorm(False, momentum=0.9, warmup=False)
+    _, _, v_same = train_step(flax_like, old, x)
+    assert_close(v_same, v_ref, 1e-6)
 
 
 def test_from_flax_variables_count_and_errors():
