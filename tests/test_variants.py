@@ -119,8 +119,9 @@ def _torch():
     )
 
 
-@pytest.mark.parametrize("n", [2, 3, 17])
-@pytest.mark.parametrize("torch_momentum", [0.1, None])
+@pytest.mark.parametrize(
+    ("n", "torch_momentum"), [(2, 0.1), (3, 0.1), (17, 0.1), (3, None)]
+)
 def test_unbiased_running_variance_matches_torch_batchnorm1d(n, torch_momentum):
     torch = _torch()
     xs = batches(4, (n, 5), seed=n)
