@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
+from ._fusion import centred_pair
 from ._normalize import corrected, normalize, renorm_correction
 from ._statistics import (
     SAVED,
@@ -196,8 +197,10 @@ def _train_jvp(static: tuple, primals: tuple, tangents: tuple) -> tuple:
         g = g * corr[0]
     xc = x.astype(m.shift.dtype)
     t = dx.astype(m.shift.dtype)
-    centred = (xc - m.shift) - m.offset
-    tc = t * jnp.conj(centred) if jnp.iscomplexobj(t) else t * centred
+    # Two expressions for the same centred x (see ``_fusion.centred_pair``):
+    # one feeds the reduction of the transpose, the other its elementwise pass.
+    centred, c_sum = centred_pair(xc, m.shift, m.offset)
+    tc = t * jnp.conj(c_sum) if jnp.iscomplexobj(t) else t * c_sum
     tc = tc.real
     if mask is not None:
         t, tc = weigh(t, mask), weigh(tc, mask)

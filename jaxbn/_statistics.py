@@ -40,6 +40,8 @@ import numpy as np
 from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
+from ._fusion import shifted_pair
+
 AxisName = Hashable | tuple[Hashable, ...]
 
 # Name of the per-feature statistics that a training step saves for its
@@ -201,8 +203,8 @@ def _passes(cfg: _Config, x: jax.Array, mask: Any, shift: jax.Array) -> ShiftedM
     local_count = _count(x, mask, cfg.axes)
 
     def one_pass(shift: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        d1 = xs - shift
-        d2 = abs2(d1)
+        d1, d2 = shifted_pair(xs, shift)
+        d2 = abs2(d2)
         if mask is not None:
             d1, d2 = weigh(d1, mask), weigh(d2, mask)
         s1 = jnp.sum(d1, cfg.axes, keepdims=True)

@@ -1,0 +1,65 @@
+"""Each expression trick in ``jaxbn._fusion`` still saves a full-size pass.
+
+A trick is compiled against the plain code it replaces, one shared value used
+twice (patched into the module that uses it, with JAX's caches cleared so the
+plain one is traced), and
+the full-size arrays the compiled training step writes are counted in its HLO.
+When an XLA upgrade makes the plain expression as cheap, the test fails: the
+trick has become dead weight and should go (see ``_fusion``'s docstring).
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import jaxbn
+from jaxbn import _fused, _statistics
+
+SHAPE = (256, 512)
+
+
+def _full_size_writes(step: str) -> int:
+    """Full-size fusion outputs in the entry computation of a training step."""
+    jax.clear_caches()  # custom_jvp and checkpoint trace once per function
+    layer = jaxbn.batch_norm()
+    x = jax.random.normal(jax.random.key(0), SHAPE)
+    params, stats = layer.init(x)
+
+    # The statistics are arguments, as in training: a constant running mean
+    # would let XLA fold the shift away.
+    def forward(params, stats, x):
+        return layer.apply(params, stats, x, train=True)
+
+    def loss(params, stats, x):
+        y, _ = layer.apply(params, stats, x, train=True)
+        return jnp.sum(y * x)
+
+    fn = forward if step == "forward" else jax.grad(loss, argnums=(0, 2))
+    text = jax.jit(fn).lower(params, stats, x).compile().as_text()
+    assert text is not None
+    entry = text[text.index("\nENTRY") :]
+    full = re.escape("f32[" + ",".join(map(str, SHAPE)) + "]")
+    return len(re.findall(rf"= {full}\S* fusion\(", entry))
+
+
+@pytest.mark.parametrize(
+    ("module", "name", "plain", "step"),
+    [
+        (_statistics, "shifted_pair", lambda x, s: (x - s,) * 2, "forward"),
+        (_statistics, "shifted_pair", lambda x, s: (x - s,) * 2, "gradient"),
+        (_fused, "centred_pair", lambda x, s, o: ((x - s) - o,) * 2, "gradient"),
+    ],
+)
+def test_trick_saves_a_full_size_write(monkeypatch, module, name, plain, step):
+    shaped = _full_size_writes(step)
+    monkeypatch.setattr(module, name, plain)
+    unshaped = _full_size_writes(step)
+    monkeypatch.undo()
+    jax.clear_caches()
+    # The forward writes only y; the gradient only dx: one write each.
+    assert shaped == 1
+    assert unshaped == shaped + 1, f"plain {name} no longer costs a pass"
