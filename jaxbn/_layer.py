@@ -139,7 +139,8 @@ def batch_norm(
         running statistics; ``"batch"``: with the batch's statistics, as in
         training (mask, weights, ``axis_name``, ghost batches), and leaves
         ``batch_stats`` unchanged (Haiku's ``test_local_stats``, PyTorch's
-        ``track_running_stats=False``).
+        ``track_running_stats=False``); with ``renorm`` it applies r and d
+        too: evaluation computes the training step's output.
       zero_masked: whether ``y`` is set to 0 where the mask is False (or the
         weight 0), in training and evaluation: zeroed padding.
 
