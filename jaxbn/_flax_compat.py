@@ -90,6 +90,8 @@ def keeps_count(warmup: Any, momentum: Any, renorm: Any) -> bool:
     Warm-up, the cumulative average (``momentum=None``) and renorm's schedules
     of ``count`` need it.
     """
+    if warmup is None:  # as in jaxbn.batch_norm: on but for None and 1.0
+        warmup = momentum is not None and momentum != 1.0
     return bool(warmup) or momentum is None or bool(renorm)
 
 

@@ -71,7 +71,9 @@ class BatchNorm(nn.Module):
         the stable two-pass one.
       force_float32_reductions: accepted for compatibility; jaxbn always reduces
         in float32.
-      warmup: whether the running-average decay warms up (jaxbn's default).
+      warmup: whether the running-average decay warms up; the default
+        None means on, except with ``momentum=None`` or ``1.0`` (as in
+        :func:`jaxbn.batch_norm`).
       running_var, renorm, rmax, dmax, renorm_momentum, virtual_batch_size,
         eval_mode, zero_masked: the core's training-time variants, see
         :func:`jaxbn.batch_norm` (renorm adds ``renorm_mean`` and
@@ -112,7 +114,7 @@ class BatchNorm(nn.Module):
     axis_index_groups: Any = None
     use_fast_variance: bool = True
     force_float32_reductions: bool = True
-    warmup: bool = True
+    warmup: bool | None = None
     running_var: str = "biased"
     renorm: bool = False
     rmax: Any = None

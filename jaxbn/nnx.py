@@ -83,7 +83,9 @@ class BatchNorm(nnx.Module):
       rngs: the ``nnx.Rngs`` whose ``params`` stream initializes scale and bias.
       bias_metadata: metadata of the bias ``nnx.Param``.
       scale_metadata: metadata of the scale ``nnx.Param``.
-      warmup: whether the running-average decay warms up (jaxbn's default).
+      warmup: whether the running-average decay warms up; the default
+        None means on, except with ``momentum=None`` or ``1.0`` (as in
+        :func:`jaxbn.batch_norm`).
       running_var, renorm, rmax, dmax, renorm_momentum, virtual_batch_size,
         eval_mode, zero_masked: the core's training-time variants, see
         :func:`jaxbn.batch_norm` (renorm adds the ``renorm_mean`` and
@@ -132,7 +134,7 @@ class BatchNorm(nnx.Module):
         rngs: nnx.Rngs,
         bias_metadata: Mapping[str, Any] = MappingProxyType({}),
         scale_metadata: Mapping[str, Any] = MappingProxyType({}),
-        warmup: bool = True,
+        warmup: bool | None = None,
         running_var: str = "biased",
         renorm: bool = False,
         rmax: Any = None,
