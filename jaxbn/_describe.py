@@ -86,7 +86,11 @@ def _layers(stats: Any) -> list[tuple[str, dict[str, Any], Any, Any]]:
             f"{type(stats).__name__}; pass e.g. variables['batch_stats']."
         )
     found = iter_layers(stats_root(stats))
-    return [(path_name(p), dict(layer), None, None) for p, layer in found]
+    return [(path_name(p), dict(layer), _FROM_ARGS, _FROM_ARGS) for p, layer in found]
+
+
+# A tree carries no momentum or warm-up: describe's arguments give them.
+_FROM_ARGS = object()
 
 
 def _no_layers(stats: Any) -> ValueError:
@@ -151,7 +155,11 @@ class StatsReport:
 
 
 def describe(
-    stats: Any, *, momentum: float = 0.99, warmup: bool = True, far: float = 10.0
+    stats: Any,
+    *,
+    momentum: float | None = 0.99,
+    warmup: bool = True,
+    far: float = 10.0,
 ) -> StatsReport:
     """Describes the running statistics of every batch-norm layer of a model.
 
@@ -193,8 +201,8 @@ def describe(
       >>> report.as_dict()["bad"]["zero_var"], report.ok
       (1, False)
     """
-    if not 0.0 <= momentum < 1.0:
-        raise ValueError(f"momentum must be in [0, 1), got {momentum!r}.")
+    if momentum is not None and not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"momentum must be in [0, 1] or None, got {momentum!r}.")
     if not far > 0:
         raise ValueError(f"far must be a positive number of deviations, got {far!r}.")
     layers = _layers(stats)
@@ -202,18 +210,25 @@ def describe(
         raise _no_layers(stats)
     rows = {}
     for name, layer, m, w in layers:
-        m = momentum if m is None else m
-        w = warmup if w is None else w
+        if m is _FROM_ARGS:  # a tree: the arguments describe every layer
+            m, w = momentum, warmup
+        # An nnx layer's warmup=None means on, except for cumulative (None) and
+        # frozen (1.0) statistics, as in jaxbn.batch_norm.
+        w = (m is not None and m != 1.0) if w is None else bool(w)
         rows[name] = _row(layer, m, w, far)
     return StatsReport(rows)
 
 
-def _row(layer: Mapping[str, Any], momentum: float, warmup: bool, far: float) -> dict:
+def _row(
+    layer: Mapping[str, Any], momentum: float | None, warmup: bool, far: float
+) -> dict:
     mean = np.asarray(jax.device_get(layer["mean"]), np.float64).ravel()
     var = np.asarray(jax.device_get(layer["var"]), np.float64).ravel()
     count = layer.get("count")
     count = None if count is None else int(jax.device_get(count))
     warm = 1.0 if count is None else (1.0 + count) / (10.0 + count)
+    if momentum is None:  # the cumulative average of every batch so far
+        warmup, momentum = False, 0.0 if count is None else count / (1.0 + count)
     decay = min(momentum, warm) if warmup else momentum
     finite = np.isfinite(mean) & np.isfinite(var)
     std = np.sqrt(np.where(finite & (var > 0), var, 0.0))

@@ -62,7 +62,37 @@ def core_layer(module: Any, dtype: Any, *, initializing: bool = False) -> Layer:
         dtype=dtype if dtype is None or not _is_complex(dtype) else None,
         param_dtype=module.param_dtype,
         allow_one_value=True,
+        **variant_options(module),
     )
+
+
+# The core's training-time variants that the adapters forward, with defaults.
+VARIANTS = {
+    "running_var": "biased",
+    "renorm": False,
+    "rmax": None,
+    "dmax": None,
+    "renorm_momentum": None,
+    "virtual_batch_size": None,
+    "eval_mode": "running",
+    "zero_masked": False,
+}
+
+
+def variant_options(module: Any) -> dict[str, Any]:
+    """The module's training-time variant options (see :func:`jaxbn.batch_norm`)."""
+    return {k: getattr(module, k, default) for k, default in VARIANTS.items()}
+
+
+def keeps_count(warmup: Any, momentum: Any, renorm: Any) -> bool:
+    """Whether an adapter stores ``count`` (in ``batch_stats``).
+
+    Warm-up, the cumulative average (``momentum=None``) and renorm's schedules
+    of ``count`` need it.
+    """
+    if warmup is None:  # as in jaxbn.batch_norm: on but for None and 1.0
+        warmup = momentum is not None and momentum != 1.0
+    return bool(warmup) or momentum is None or bool(renorm)
 
 
 def as_inexact(x: Any) -> Any:

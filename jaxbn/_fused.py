@@ -28,8 +28,15 @@ from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
 from ._fusion import centred_pair
-from ._normalize import normalize
-from ._statistics import SAVED, ShiftedMoments, psum_parts, shifted_moments
+from ._normalize import corrected, normalize, renorm_correction
+from ._statistics import (
+    SAVED,
+    ShiftedMoments,
+    psum_parts,
+    shifted_moments,
+    valid,
+    weigh,
+)
 
 _SAVE_STATISTICS = jax.checkpoint_policies.save_only_these_names(SAVED)
 
@@ -47,6 +54,7 @@ def fused_training(
     axis_name: Hashable | None,
     axis_index_groups: Sequence[Sequence[int]] | None,
     dtype: Any,
+    renorm: tuple[jax.Array, ...] | None = None,
 ) -> tuple[jax.Array, ShiftedMoments]:
     """Normalizes x with its batch statistics; returns ``(y, moments)``.
 
@@ -56,7 +64,8 @@ def fused_training(
     Args:
       x: the input, any floating or complex dtype.
       mask: optional boolean array of x's rank, broadcastable to x; statistics use
-        its True entries only.
+        its True entries only. Or non-negative per-entry weights (real, the
+        statistics' dtype): weighted statistics, the count a sum of weights.
       scale: optional scale, x's rank with size 1 along ``reduction_axes``.
       bias: optional bias, same shape as ``scale``.
       running_mean: the running mean, same shape as ``scale``: the shift around
@@ -67,6 +76,8 @@ def fused_training(
       axis_name: optional named axis (or tuple) to synchronize statistics over.
       axis_index_groups: optional groups of indices along ``axis_name``.
       dtype: the output dtype.
+      renorm: optional ``(renorm_mean, renorm_std, rmax, dmax)`` for batch
+        renormalization (see ``_normalize.renorm_correction``; no gradient).
 
     Returns:
       ``y`` in ``dtype`` and the ``ShiftedMoments`` (no gradient) of the batch,
@@ -88,7 +99,7 @@ def fused_training(
     if axis_index_groups is not None:
         groups = tuple(tuple(int(i) for i in g) for g in axis_index_groups)
     static = (tuple(reduction_axes), float(epsilon), axis_name, groups, dtype)
-    running = lax.stop_gradient((running_mean, running_var))
+    running = lax.stop_gradient((running_mean, running_var, *(renorm or ())))
     if jnp.iscomplexobj(x):
         # jax.checkpoint's CSE barrier does not take complex values (jax
         # 0.10.2); complex input keeps autodiff's own residuals.
@@ -103,7 +114,7 @@ def _checkpointed(
     mask: jax.Array | None,
     scale: jax.Array | None,
     bias: jax.Array | None,
-    running: tuple[jax.Array, jax.Array],
+    running: tuple[jax.Array, ...],
 ) -> tuple[jax.Array, ShiftedMoments]:
     return _train(static, _sanitized(x, mask), mask, scale, bias, running)
 
@@ -115,7 +126,7 @@ def _sanitized(x: jax.Array, mask: jax.Array | None) -> jax.Array:
     """
     if mask is None:
         return x
-    return jnp.where(mask | jnp.isfinite(x), x, jnp.zeros((), x.dtype))
+    return jnp.where(valid(mask) | jnp.isfinite(x), x, jnp.zeros((), x.dtype))
 
 
 def _forward(
@@ -124,18 +135,25 @@ def _forward(
     mask: jax.Array | None,
     scale: jax.Array | None,
     bias: jax.Array | None,
-    running: tuple[jax.Array, jax.Array],
-) -> tuple[jax.Array, ShiftedMoments, jax.Array]:
-    """``(y, moments, variance used)``, all differentiable (no stop_gradient)."""
+    running: tuple[jax.Array, ...],
+) -> tuple[jax.Array, ShiftedMoments, jax.Array, Any]:
+    """``(y, moments, variance used, renorm's (r, d) or None)``.
+
+    All differentiable (no stop_gradient) but renorm's ``(r, d)``.
+    """
     axes, epsilon, axis_name, groups, dtype = static
-    running_mean, running_var = running
+    running_mean, running_var = running[:2]
     m = shifted_moments(x, axes, mask, axis_name, groups, running_mean)
     m = ShiftedMoments(*(checkpoint_name(a, SAVED) for a in m))
     # Features with no valid value have offset 0 around the running mean
     # already; they take the running variance too.
     var = jnp.where(m.count > 0, m.var, running_var.astype(m.var.dtype))
+    corr = None
+    if len(running) > 2:  # batch renormalization: (x_hat * r + d) * scale + bias
+        corr = renorm_correction(m.count, m.shift + m.offset, var, running[2:], epsilon)
+        scale, bias = corrected(scale, bias, *corr)
     y = normalize(x, m.offset, var, scale, bias, epsilon, dtype, m.shift)
-    return y, m, var
+    return y, m, var, corr
 
 
 @partial(jax.custom_jvp, nondiff_argnums=(0,))
@@ -145,9 +163,9 @@ def _train(
     mask: jax.Array | None,
     scale: jax.Array | None,
     bias: jax.Array | None,
-    running: tuple[jax.Array, jax.Array],
+    running: tuple[jax.Array, ...],
 ) -> tuple[jax.Array, ShiftedMoments]:
-    y, m, _ = _forward(static, x, mask, scale, bias, running)
+    y, m, _, _ = _forward(static, x, mask, scale, bias, running)
     return y, lax.stop_gradient(m)
 
 
@@ -164,15 +182,19 @@ def _train_jvp(static: tuple, primals: tuple, tangents: tuple) -> tuple:
     Every full-size term is a full-size array times a per-feature one, so the
     transpose (reverse mode) needs just two reductions, ``sum(dy)`` and
     ``sum(dy * c)``, shared by the parameter and input gradients, and one
-    elementwise pass for dx: the closed-form backward.
+    elementwise pass for dx: the closed-form backward. Batch renormalization's
+    ``(r, d)`` (no gradient) make ``g = scale * r_bn * r`` and add ``dscale *
+    d`` to the per-feature constant.
     """
     x, mask, scale, bias, running = primals
     dx, _, dscale, dbias, _ = tangents
     axes, epsilon, axis_name, groups, _ = static
-    y, m, var = _forward(static, x, mask, scale, bias, running)
+    y, m, var, corr = _forward(static, x, mask, scale, bias, running)
     real = var.dtype
     r = lax.rsqrt(var + jnp.asarray(epsilon, real))
     g = r if scale is None else r * scale.astype(real)
+    if corr is not None:
+        g = g * corr[0]
     xc = x.astype(m.shift.dtype)
     t = dx.astype(m.shift.dtype)
     # Two expressions for the same centred x (see ``_fusion.centred_pair``):
@@ -181,8 +203,7 @@ def _train_jvp(static: tuple, primals: tuple, tangents: tuple) -> tuple:
     tc = t * jnp.conj(c_sum) if jnp.iscomplexobj(t) else t * c_sum
     tc = tc.real
     if mask is not None:
-        t = jnp.where(mask, t, jnp.zeros((), t.dtype))
-        tc = jnp.where(mask, tc, jnp.zeros((), tc.dtype))
+        t, tc = weigh(t, mask), weigh(tc, mask)
     sum_t = jnp.sum(t, axes, keepdims=True)
     sum_tc = jnp.sum(tc, axes, keepdims=True)
     if axis_name is not None:
@@ -190,10 +211,13 @@ def _train_jvp(static: tuple, primals: tuple, tangents: tuple) -> tuple:
     inv_n = 1.0 / jnp.maximum(m.count, 1.0)
     per_c = -(g * r * r) * (sum_tc * inv_n)
     if dscale is not None:
-        per_c = per_c + dscale.astype(real) * r
+        dscale_r = dscale.astype(real) * r
+        per_c = per_c + (dscale_r if corr is None else dscale_r * corr[0])
     per_1 = -g * (sum_t * inv_n)
     if dbias is not None:
         per_1 = per_1 + dbias.astype(real)
+    if corr is not None and dscale is not None:
+        per_1 = per_1 + dscale.astype(real) * corr[1]
     dy = g * dx.astype(m.shift.dtype) + centred * per_c + per_1
     zeros = jax.tree.map(jnp.zeros_like, m)
     return (y, lax.stop_gradient(m)), (dy.astype(y.dtype), zeros)

@@ -3,77 +3,36 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Sequence
-from typing import Any, NamedTuple, Protocol
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.typing import ArrayLike
 
+from . import _ghost as g
+from . import _options as o
 from . import _validation as v
 from ._fused import fused_training
 from ._normalize import normalize
 from ._running import update_running_stats
-from ._statistics import Moments, devices_in_axis, mean_dtype, real_dtype
-
-Params = dict[str, jax.Array]
-BatchStats = dict[str, jax.Array]
-Initializer = Callable[..., jax.Array]
-
-
-class InitFn(Protocol):
-    """``init(x, *, key=None) -> (params, batch_stats)``."""
-
-    def __call__(
-        self, x: Any, *, key: jax.Array | None = None
-    ) -> tuple[Params, BatchStats]: ...
-
-
-class ApplyFn(Protocol):
-    """``apply(params, batch_stats, x, *, train, mask=None) -> (y, batch_stats)``."""
-
-    def __call__(
-        self,
-        params: Params,
-        batch_stats: BatchStats,
-        x: jax.Array,
-        *,
-        train: bool | jax.Array,
-        mask: ArrayLike | None = None,
-    ) -> tuple[jax.Array, BatchStats]: ...
-
-
-class Layer(NamedTuple):
-    """A batch-norm layer as a pair of pure functions.
-
-    Attributes:
-      init: ``init(x, *, key=None) -> (params, batch_stats)``; reads only
-        ``x.shape`` and ``x.dtype``.
-      apply: ``apply(params, batch_stats, x, *, train, mask=None) -> (y,
-        batch_stats)``; always returns the (possibly unchanged) statistics.
-    """
-
-    init: InitFn
-    apply: ApplyFn
-
-
-def _ones(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:
-    del key
-    return jnp.ones(shape, dtype)
-
-
-def _zeros(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:
-    del key
-    return jnp.zeros(shape, dtype)
+from ._statistics import Moments, devices_in_axis, mean_dtype, real_dtype, valid
+from ._types import ApplyFn as ApplyFn
+from ._types import BatchStats as BatchStats
+from ._types import InitFn as InitFn
+from ._types import Initializer as Initializer
+from ._types import Layer as Layer
+from ._types import Params as Params
+from ._types import _ones, _zeros
 
 
 def batch_norm(
     axis: int | Sequence[int] = -1,
-    momentum: float = 0.99,
+    momentum: float | None = 0.99,
     epsilon: float = 1e-5,
     center: bool = True,
     scale: bool = True,
-    warmup: bool = True,
+    warmup: bool | None = None,
     allow_one_value: bool = False,
     axis_name: Hashable | tuple[Hashable, ...] | None = None,
     axis_index_groups: Sequence[Sequence[int]] | None = None,
@@ -81,6 +40,14 @@ def batch_norm(
     param_dtype: Any = jnp.float32,
     scale_init: Initializer = _ones,
     bias_init: Initializer = _zeros,
+    running_var: str = "biased",
+    renorm: bool = False,
+    rmax: float | Callable[[jax.Array], Any] | None = None,
+    dmax: float | Callable[[jax.Array], Any] | None = None,
+    renorm_momentum: float | None = None,
+    virtual_batch_size: int | None = None,
+    eval_mode: str = "running",
+    zero_masked: bool = False,
 ) -> Layer:
     r"""Batch normalization (Ioffe & Szegedy, 2015) as pure ``init``/``apply``.
 
@@ -116,18 +83,25 @@ def batch_norm(
     (TensorFlow's ``ExponentialMovingAverage(num_updates=...)``), so early
     running statistics follow the network as it learns instead of staying near
     their initial values: with ``momentum=0.999`` a plain running average still
-    holds 90% of its initial value after 100 steps. A batch whose statistics are
+    holds 90% of its initial value after 100 steps. ``momentum=None`` keeps the
+    exact average of all the batches seen, ``d = count / (1 + count)``
+    (PyTorch's ``momentum=None``), and ``momentum=1.0`` freezes the running
+    statistics: training then normalizes with the batch's statistics and
+    returns ``batch_stats`` unchanged (``train=False`` normalizes with the
+    running statistics instead). A batch whose statistics are
     not finite, or whose entries are all masked, leaves the running statistics
     and ``count`` unchanged; the output still carries the NaN, so the loss shows
     it (skip such steps with ``optax.apply_if_finite``).
 
     Args:
       axis: the feature axis, or a tuple of them (negative counts from the end).
-      momentum: decay of the running average, in ``[0, 1)``.
+      momentum: decay of the running average, in ``[0, 1]``; ``1.0`` freezes
+        the running statistics; None keeps their cumulative average.
       epsilon: added to the variance, ``> 0``.
       center: whether to learn a bias (``params["bias"]``).
       scale: whether to learn a scale (``params["scale"]``).
-      warmup: whether the decay warms up as above.
+      warmup: whether the decay warms up as above; default (None): on, except
+        for ``momentum=None`` or ``1.0``, with which it is an error.
       allow_one_value: whether training on one value per feature (a batch of
         one, or x with no batch axis) is allowed: it normalizes to the bias
         (variance 0), as ``flax.linen.BatchNorm`` does. By default it raises,
@@ -141,6 +115,34 @@ def batch_norm(
       param_dtype: dtype of ``scale`` and ``bias``.
       scale_init: initializer ``(key, shape, dtype) -> Array`` of the scale.
       bias_init: initializer ``(key, shape, dtype) -> Array`` of the bias.
+      running_var: ``"biased"`` (default) averages the batch variance used to
+        normalize; ``"unbiased"`` averages ``n / (n - 1)`` times it, with n
+        the number of values per feature (PyTorch's convention); the
+        normalization uses the biased variance either way.
+      renorm: batch renormalization (Ioffe, 2017): training normalizes to
+        ``(x_hat * r + d) * scale + bias`` with ``r = clip(s_B / s, 1/rmax,
+        rmax)`` and ``d = clip((mu_B - mu) / s, -dmax, dmax)``, where ``s_B =
+        sqrt(var_B + epsilon)`` and ``mu, s`` are the renorm moving averages
+        ``batch_stats["renorm_mean"]`` and ``["renorm_std"]``; r and d carry no
+        gradient. Evaluation is unchanged (running mean and var).
+      rmax: renorm's clip of r, ``>= 1`` (default 3.0), or a function of
+        ``count`` (int32 updates so far) for a warm-up schedule.
+      dmax: renorm's clip of d, ``>= 0`` (default 5.0), or a function of count.
+      renorm_momentum: the constant decay of the renorm moving averages
+        (default 0.99; no warm-up).
+      virtual_batch_size: ghost batch norm (Hoffer et al., 2017): training
+        splits axis 0 into groups of this many examples and normalizes each
+        with its own statistics (per device under ``axis_name``); the running
+        statistics receive the count-weighted merge of the groups (across
+        devices too), i.e. the whole batch's. Evaluation is unchanged.
+      eval_mode: ``"running"`` (default): evaluation normalizes with the
+        running statistics; ``"batch"``: with the batch's statistics, as in
+        training (mask, weights, ``axis_name``, ghost batches), and leaves
+        ``batch_stats`` unchanged (Haiku's ``test_local_stats``, PyTorch's
+        ``track_running_stats=False``); with ``renorm`` it applies r and d
+        too: evaluation computes the training step's output.
+      zero_masked: whether ``y`` is set to 0 where the mask is False (or the
+        weight 0), in training and evaluation: zeroed padding.
 
     Returns:
       A ``Layer(init, apply)``. ``init(x, *, key=None)`` returns ``(params,
@@ -149,25 +151,40 @@ def batch_norm(
       "var": ones, "count": 0}`` (float32 feature shape, float64 for float64
       x, a complex mean for complex x; int32 scalar count); ``key``
       defaults to ``jax.random.key(0)`` and is used only by random initializers.
-      ``apply(params, batch_stats, x, *, train, mask=None)`` returns ``(y,
-      batch_stats)``. ``train`` is a Python bool, or a scalar boolean array to
-      choose the mode at run time with one compiled function (``lax.cond``: only
-      the chosen branch runs). ``mask``, a boolean array broadcastable to x,
-      restricts the statistics to its True entries; entries under False are
-      normalized like the others, except that a non-finite one (NaN padding)
-      is read as 0, so it reaches neither the statistics nor any gradient. In
-      evaluation ``mask`` is checked and otherwise ignored.
+      ``apply(params, batch_stats, x, *, train, mask=None, weights=None)`` returns
+      ``(y, batch_stats)``. ``train`` is a Python bool, or a scalar boolean array to
+      choose the mode at run time with one compiled function (``lax.cond``: only the
+      chosen branch runs). ``mask``, a boolean array broadcastable to x, restricts
+      the statistics to its True entries; entries under False are normalized like
+      the others, except that a non-finite one (NaN padding) is read as 0, so it
+      reaches neither the statistics nor any gradient. In evaluation ``mask`` is
+      checked and otherwise ignored. ``weights``, a real non-negative array
+      broadcastable to x (TensorFlow's ``batch_weights``), makes the statistics
+      weighted: ``mean = sum(w x) / sum(w)``, ``var = sum(w |x - mean|^2) /
+      sum(w)``, and the count behind ``running_var="unbiased"`` is ``sum(w)``; a
+      mask is the 0/1 case and the two combine (weights under False count 0). In
+      evaluation weights are checked and ignored. ``scale`` and ``offset``,
+      real arrays broadcastable to x (per feature, or per example for FiLM-style
+      conditioning), replace the learned scale and bias of a layer built with
+      ``scale=False`` / ``center=False`` (conditional batch norm, Haiku's and
+      Sonnet's ``scale=``/``offset=``); gradients flow to them.
 
     Raises:
       TypeError: for an integer or boolean x; a non-floating dtype or
         param_dtype; a ``train`` that is not a bool or a scalar boolean array; a
         non-boolean mask; statistics of the wrong dtype (e.g. a real mean for
-        complex x).
+        complex x); non-floating weights, scale or offset; ``renorm`` with
+        complex x.
       ValueError: for an axis out of range or repeated; momentum outside
-        ``[0, 1)``; a non-positive epsilon; params or batch_stats with missing
-        keys or wrong shapes; a mask that does not broadcast to x; training
-        (``train=True``) with one value per feature, counting the devices of
-        ``axis_name`` (unless ``allow_one_value``).
+        ``[0, 1]``; ``warmup=True`` with momentum None or 1.0; a non-positive
+        epsilon; params or batch_stats with missing keys or wrong shapes; a mask
+        that does not broadcast to x; weights that do not broadcast to x or are
+        negative (when concrete); a call-time scale or offset that does not
+        broadcast to x or that the layer also learns; an unknown ``eval_mode``
+        or ``running_var``; ``rmax < 1``, ``dmax < 0``, or renorm options
+        without ``renorm``; a ``virtual_batch_size`` that does not divide the
+        batch; training (``train=True``) with one value per feature, counting
+        the devices of ``axis_name`` (unless ``allow_one_value``).
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -189,6 +206,22 @@ def batch_norm(
     """
     axis_spec = v.check_axis_spec(axis)
     momentum = v.check_momentum(momentum)
+    warmup = o.check_warmup(warmup, momentum)
+    unbiased = (
+        o.check_choice(
+            "running_var",
+            running_var,
+            ("biased", "unbiased"),
+            "'unbiased' stores n/(n-1) times the batch variance, as PyTorch does.",
+        )
+        == "unbiased"
+    )
+    renorm_options = o.check_renorm(renorm, rmax, dmax, renorm_momentum)
+    ghost = o.check_virtual_batch_size(virtual_batch_size)
+    why = "'batch' normalizes with the batch's statistics in evaluation too."
+    local_stats = o.check_choice("eval_mode", eval_mode, ("running", "batch"), why)
+    local_stats = local_stats == "batch"
+    zero_masked = bool(zero_masked)
     epsilon = v.check_epsilon(epsilon)
     dtype = v.check_float_dtype("dtype", dtype, allow_none=True)
     param_dtype = v.check_float_dtype("param_dtype", param_dtype, allow_none=False)
@@ -197,8 +230,11 @@ def batch_norm(
             "axis_index_groups was given without axis_name; pass the axis_name "
             "whose devices the groups split."
         )
-    center, scale = bool(center), bool(scale)
-    warmup, allow_one_value = bool(warmup), bool(allow_one_value)
+    learn_bias, learn_scale = bool(center), bool(scale)
+    allow_one_value = bool(allow_one_value)
+    renorm_update = None
+    if renorm_options is not None:
+        renorm_update = (renorm_options[2], epsilon)
     batch_elsewhere = axis_name is not None or allow_one_value
 
     def geometry(x: Any) -> tuple[v.Axes, tuple[int, ...], tuple[int, ...]]:
@@ -208,16 +244,23 @@ def batch_norm(
         kept = tuple(d if i in axes else 1 for i, d in enumerate(x.shape))
         return axes, feature_shape, kept
 
+    def stats_spec(feature_shape: tuple[int, ...], x_dtype: Any) -> dict:
+        spec = v.stats_spec(feature_shape, x_dtype)
+        if renorm_options is not None:
+            spec["renorm_mean"] = spec["mean"]
+            spec["renorm_std"] = spec["var"]
+        return spec
+
     def init(x: Any, *, key: jax.Array | None = None) -> tuple[Params, BatchStats]:
         _, feature_shape, _ = geometry(x)
         key = jax.random.key(0) if key is None else key
         scale_key, bias_key = jax.random.split(key)
         params: Params = {}
-        if scale:
+        if learn_scale:
             params["scale"] = jnp.asarray(
                 scale_init(scale_key, feature_shape, param_dtype), param_dtype
             )
-        if center:
+        if learn_bias:
             params["bias"] = jnp.asarray(
                 bias_init(bias_key, feature_shape, param_dtype), param_dtype
             )
@@ -227,6 +270,9 @@ def batch_norm(
             "var": jnp.ones(feature_shape, real_dtype(x.dtype)),  # shape=features
             "count": jnp.zeros((), jnp.int32),  # shape=(), int32: updates so far
         }
+        if renorm_options is not None:
+            batch_stats["renorm_mean"] = jnp.zeros_like(batch_stats["mean"])
+            batch_stats["renorm_std"] = jnp.ones_like(batch_stats["var"])
         return params, batch_stats
 
     def apply(
@@ -236,13 +282,16 @@ def batch_norm(
         *,
         train: bool | jax.Array,
         mask: ArrayLike | None = None,
+        weights: ArrayLike | None = None,
+        scale: ArrayLike | None = None,
+        offset: ArrayLike | None = None,
     ) -> tuple[jax.Array, BatchStats]:
         axes, feature_shape, kept = geometry(x)
         train = v.check_train(train)
         expected_params = {}
-        if scale:
+        if learn_scale:
             expected_params["scale"] = (feature_shape, param_dtype)
-        if center:
+        if learn_bias:
             expected_params["bias"] = (feature_shape, param_dtype)
         v.check_mapping(
             "params", params, expected_params, feature_shape, axes, axis_spec, False
@@ -250,7 +299,7 @@ def batch_norm(
         v.check_mapping(
             "batch_stats",
             batch_stats,
-            v.stats_spec(feature_shape, x.dtype),
+            stats_spec(feature_shape, x.dtype),
             feature_shape,
             axes,
             axis_spec,
@@ -258,52 +307,79 @@ def batch_norm(
         )
         if mask is not None:
             mask = v.check_mask(mask, tuple(x.shape))
+        if weights is not None:
+            w = o.check_weights(weights, tuple(x.shape), real_dtype(x.dtype))
+            # A mask is the 0/1 case of weights: the two combine.
+            mask = w if mask is None else jnp.where(mask, w, jnp.zeros((), w.dtype))
         reduction_axes = tuple(i for i in range(x.ndim) if i not in axes)
         out_dtype = x.dtype if dtype is None else dtype
-        gamma = params["scale"].reshape(kept) if scale else None
-        beta = params["bias"].reshape(kept) if center else None
+        gamma = params["scale"].reshape(kept) if learn_scale else None
+        beta = params["bias"].reshape(kept) if learn_bias else None
+        if scale is not None:
+            gamma = o.check_external("scale", scale, x.shape, learn_scale)
+        if offset is not None:
+            beta = o.check_external("offset", offset, x.shape, learn_bias)
 
         def evaluate(operands: tuple) -> tuple[jax.Array, BatchStats]:
             x, _, stats = operands
+            if local_stats:  # normalize with the batch's statistics, no update
+                return training(operands)[0], stats
             mean = stats["mean"].reshape(kept)
             var = stats["var"].reshape(kept)
             return normalize(x, mean, var, gamma, beta, epsilon, out_dtype), stats
 
         def training(operands: tuple) -> tuple[jax.Array, BatchStats]:
             x, mask, stats = operands
-            y, m = fused_training(
-                x,
-                mask,
-                gamma,
-                beta,
-                stats["mean"].reshape(kept),
-                stats["var"].reshape(kept),
-                reduction_axes=reduction_axes,
-                epsilon=epsilon,
-                axis_name=axis_name,
-                axis_index_groups=axis_index_groups,
-                dtype=out_dtype,
-            )
+            mean, var = stats["mean"].reshape(kept), stats["var"].reshape(kept)
+            kw = {
+                "reduction_axes": reduction_axes,
+                "epsilon": epsilon,
+                "axis_name": axis_name,
+                "axis_index_groups": axis_index_groups,
+                "dtype": out_dtype,
+                "renorm": o.renorm_operands(stats, kept, renorm_options, x.dtype),
+            }
+            if ghost is not None:
+                y, moments = g.ghost_training(
+                    ghost, x, mask, gamma, beta, mean, var, kw
+                )
+                return y, updated(stats, moments)
+            y, m = fused_training(x, mask, gamma, beta, mean, var, **kw)
             moments = Moments(m.count, m.shift + m.offset, m.var)
-            flat = Moments(*(a.reshape(feature_shape) for a in moments))
-            return y, update_running_stats(stats, flat, momentum, warmup)
+            return y, updated(stats, moments)
 
-        if train is True and not allow_one_value:
+        def updated(stats: BatchStats, moments: Moments) -> BatchStats:
+            flat = Moments(*(a.reshape(feature_shape) for a in moments))
+            if momentum == 1.0:  # frozen: bitwise unchanged, count included
+                return stats
+            return update_running_stats(
+                stats, flat, momentum, warmup, unbiased, renorm_update
+            )
+
+        if ghost is not None:
+            g.check_groups(tuple(x.shape), axes, ghost)
+        if (train is True or local_stats) and not allow_one_value:
             _check_enough_values(x.shape, reduction_axes)
         if mask is not None:
             # Padding may hold NaN: read a masked non-finite entry as 0 so it
             # reaches neither the statistics nor any gradient.
-            x = jnp.where(mask | jnp.isfinite(x), x, jnp.zeros((), x.dtype))
+            x = jnp.where(valid(mask) | jnp.isfinite(x), x, jnp.zeros((), x.dtype))
         operands = (x, mask, batch_stats)
         if isinstance(train, bool):
-            return training(operands) if train else evaluate(operands)
-        return lax.cond(train, training, evaluate, operands)
+            y, stats = training(operands) if train else evaluate(operands)
+        else:
+            y, stats = lax.cond(train, training, evaluate, operands)
+        if zero_masked and mask is not None:
+            y = jnp.where(valid(mask), y, jnp.zeros((), y.dtype))
+        return y, stats
 
     def _check_enough_values(shape: tuple, reduction_axes: tuple) -> None:
         per_device = 1
         for a in reduction_axes:
-            per_device *= shape[a]
+            per_device *= shape[a] if (a or ghost is None) else ghost
         devices = devices_in_axis(axis_name, axis_index_groups)
+        if ghost is not None:
+            devices = 1  # each ghost batch is normalized on its own device
         if 0 < per_device * devices < 2:
             raise ValueError(
                 f"train=True with x of shape {tuple(shape)}: each feature sees "

@@ -1,9 +1,11 @@
 """Normalization: ``((x - shift) - offset) * rsqrt(var + epsilon) * scale + bias``.
 
 The one place where jaxbn applies statistics to x, in training and evaluation
-alike. The mean is subtracted first, in the statistics' dtype (float32, or
-float64 / complex for such input): the reassociated ``x * a + b`` cancels
-catastrophically when the mean is large compared with the spread.
+alike; batch renormalization's correction (``renorm_correction``) enters it as
+a change of scale and bias. The mean is subtracted first, in the statistics'
+dtype (float32, or float64 / complex for such input): the reassociated
+``x * a + b`` cancels catastrophically when the mean is large compared with the
+spread.
 """
 
 from __future__ import annotations
@@ -62,3 +64,62 @@ def normalize(
     if bias is not None:
         y = y + bias.astype(real)
     return y.astype(dtype)
+
+
+def renorm_correction(
+    count: jax.Array,
+    mean: jax.Array,
+    var: jax.Array,
+    renorm: tuple[jax.Array, ...],
+    epsilon: float,
+) -> tuple[jax.Array, jax.Array]:
+    """Batch renormalization's ``(r, d)`` (Ioffe, 2017), without gradient.
+
+    With ``s = sqrt(var + epsilon)`` for the batch and ``S = max(renorm_std,
+    sqrt(epsilon))`` for the renorm moving average: ``r = clip(s / S, 1/rmax,
+    rmax)`` and ``d = clip((mean - renorm_mean) / S, -dmax, dmax)``. A feature
+    with no valid value (``count == 0``) gets ``r = 1, d = 0``.
+
+    Args:
+      count: per-feature count of the batch.
+      mean: the batch mean, same shape.
+      var: the batch variance, same shape.
+      renorm: ``(renorm_mean, renorm_std, rmax, dmax)``, the first two shaped
+        like ``mean``, the last two scalars.
+      epsilon: the layer's epsilon.
+
+    Returns:
+      ``(r, d)``, shaped like ``mean``, with ``lax.stop_gradient`` applied.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> one = jnp.ones((1, 1))
+      >>> r, d = renorm_correction(one, 3 * one, 16 * one,
+      ...     (one, one, jnp.float32(3.0), jnp.float32(1.0)), epsilon=0.0)
+      >>> float(r[0, 0]), float(d[0, 0])
+      (3.0, 1.0)
+    """
+    renorm_mean, renorm_std, rmax, dmax = renorm
+    real = var.dtype
+    eps = jnp.asarray(epsilon, real)
+    ref_std = jnp.maximum(renorm_std.astype(real), jnp.sqrt(eps))
+    rmax, dmax = rmax.astype(real), dmax.astype(real)
+    r = jnp.clip(jnp.sqrt(var + eps) / ref_std, 1.0 / rmax, rmax)
+    d = jnp.clip((mean.astype(real) - renorm_mean.astype(real)) / ref_std, -dmax, dmax)
+    seen = count > 0
+    r = jnp.where(seen, r, jnp.ones_like(r))
+    d = jnp.where(seen, d, jnp.zeros_like(d))
+    return lax.stop_gradient(r), lax.stop_gradient(d)
+
+
+def corrected(
+    scale: jax.Array | None,
+    bias: jax.Array | None,
+    r: jax.Array,
+    d: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+    """``(scale * r, scale * d + bias)``: ``(x_hat * r + d) * scale + bias``."""
+    if scale is None:
+        return r, d if bias is None else d + bias.astype(d.dtype)
+    s = scale.astype(r.dtype)
+    return s * r, s * d if bias is None else s * d + bias.astype(d.dtype)

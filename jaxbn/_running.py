@@ -1,9 +1,11 @@
 """The running-average update of ``batch_stats``, with warm-up and guards.
 
 The decay is ``d = momentum``, or with warm-up ``d = min(momentum, (1 + count) /
-(10 + count))``. A batch whose statistics are not finite, or that has no valid
-value, leaves the running statistics and ``count`` unchanged; a feature with no
-valid value keeps its statistics.
+(10 + count))``, or for ``momentum=None`` ``d = count / (1 + count)``: the exact
+average of all the batches seen (PyTorch's cumulative moving average). A batch
+whose statistics are not finite, or that has no valid value, leaves the running
+statistics and ``count`` unchanged; a feature with no valid value keeps its
+statistics.
 """
 
 from __future__ import annotations
@@ -15,22 +17,27 @@ from jax import lax
 from ._statistics import Moments
 
 
-def decay(count: jax.Array, momentum: float, warmup: bool) -> jax.Array:
+def decay(count: jax.Array, momentum: float | None, warmup: bool) -> jax.Array:
     """The decay of the running average before the ``count``-th+1 update.
 
     Args:
       count: int32 number of updates so far.
-      momentum: the final decay.
+      momentum: the final decay, or None for the cumulative average.
       warmup: whether to use TensorFlow's ``num_updates`` warm-up rule.
 
     Returns:
-      A float32 scalar decay in ``[0, momentum]``.
+      A float32 scalar decay in ``[0, momentum]`` (``[0, 1)`` for None).
 
     Examples:
       >>> import jax.numpy as jnp
       >>> [round(float(decay(jnp.int32(c), 0.999, True)), 3) for c in (0, 90, 10**5)]
       [0.1, 0.91, 0.999]
+      >>> [round(float(decay(jnp.int32(c), None, False)), 3) for c in (0, 1, 3)]
+      [0.0, 0.5, 0.75]
     """
+    if momentum is None:
+        c = count.astype(jnp.float32)
+        return c / (1.0 + c)
     final = jnp.float32(momentum)
     if not warmup:
         return final
@@ -41,21 +48,31 @@ def decay(count: jax.Array, momentum: float, warmup: bool) -> jax.Array:
 def update_running_stats(
     batch_stats: dict[str, jax.Array],
     moments: Moments,
-    momentum: float,
+    momentum: float | None,
     warmup: bool,
+    unbiased: bool = False,
+    renorm: tuple[float, float] | None = None,
 ) -> dict[str, jax.Array]:
     """Returns ``batch_stats`` moved towards ``moments`` (no gradient flows).
 
     Args:
       batch_stats: ``{"mean", "var", "count"}`` as made by ``init``.
       moments: the batch's ``Moments``, already reshaped to the feature shape.
-      momentum: the final decay.
+      momentum: the final decay (None: the cumulative average).
       warmup: whether the decay warms up.
+      unbiased: store ``n / (n - 1)`` times the batch variance (n: the count
+        of values, or the sum of weights; n <= 1 keeps the biased variance).
+      renorm: ``(renorm_momentum, epsilon)`` for batch renormalization:
+        ``renorm_mean`` and ``renorm_std`` move towards the batch's mean and
+        ``sqrt(var + epsilon)`` with the constant decay ``renorm_momentum``.
 
     Returns:
       The new ``batch_stats``.
     """
     count, mean, var = (lax.stop_gradient(m) for m in moments)
+    biased = var
+    if unbiased:
+        var = var * jnp.where(count > 1.0, count / jnp.maximum(count - 1.0, 1.0), 1.0)
     finite = jnp.all(jnp.isfinite(mean)) & jnp.all(jnp.isfinite(var))
     accept = finite & jnp.any(count > 0)
     d = decay(batch_stats["count"], momentum, warmup)
@@ -64,7 +81,7 @@ def update_running_stats(
     # Explicit axes refuses a select between differently sharded operands).
     moves = (accept & (count > 0)).astype(d.dtype)
 
-    def moved(old: jax.Array, new: jax.Array) -> jax.Array:
+    def moved(old: jax.Array, new: jax.Array, d: jax.Array = d) -> jax.Array:
         # A rejected batch may hold NaN or inf: zero them so 0 * new stays 0.
         new = jnp.nan_to_num(new, nan=0.0, posinf=0.0, neginf=0.0).astype(old.dtype)
         # ``d * old + (1 - d) * new`` is exact at d = 0 (momentum 0: the
@@ -75,8 +92,15 @@ def update_running_stats(
         w = moves.astype(old.real.dtype)
         return (1.0 - w) * old + w * blend
 
-    return {
+    new_stats = {
         "mean": moved(batch_stats["mean"], mean),
         "var": moved(batch_stats["var"], var),
         "count": batch_stats["count"] + accept.astype(jnp.int32),
     }
+    if renorm is not None:
+        renorm_momentum, epsilon = renorm
+        rd = jnp.float32(renorm_momentum)
+        std = jnp.sqrt(biased + jnp.asarray(epsilon, biased.dtype))
+        new_stats["renorm_mean"] = moved(batch_stats["renorm_mean"], mean, rd)
+        new_stats["renorm_std"] = moved(batch_stats["renorm_std"], std, rd)
+    return new_stats

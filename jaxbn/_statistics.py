@@ -163,8 +163,23 @@ def _kept_shape(shape: tuple[int, ...], axes: tuple[int, ...]) -> tuple[int, ...
     return tuple(1 if i in axes else d for i, d in enumerate(shape))
 
 
+def weigh(a: jax.Array, mask: jax.Array) -> jax.Array:
+    """``a`` where a boolean mask is True (0 elsewhere), or ``a`` times weights.
+
+    A mask is the 0/1 case of per-example weights; both enter the sums here.
+    """
+    if mask.dtype == jnp.bool_:
+        return jnp.where(mask, a, jnp.zeros((), a.dtype))
+    return a * mask.astype(a.real.dtype)
+
+
+def valid(mask: jax.Array) -> jax.Array:
+    """The entries a boolean mask or weights count (True, or weight > 0)."""
+    return mask if mask.dtype == jnp.bool_ else mask > 0
+
+
 def _count(x: jax.Array, mask: jax.Array | None, axes: tuple[int, ...]) -> jax.Array:
-    """Valid values per feature, without broadcasting the mask to x."""
+    """Valid values (sum of weights) per feature, without broadcasting the mask."""
     kept = _kept_shape(x.shape, axes)
     dtype = real_dtype(x.dtype)
     if mask is None:
@@ -191,8 +206,7 @@ def _passes(cfg: _Config, x: jax.Array, mask: Any, shift: jax.Array) -> ShiftedM
         d1, d2 = shifted_pair(xs, shift)
         d2 = abs2(d2)
         if mask is not None:
-            d1 = jnp.where(mask, d1, jnp.zeros((), d1.dtype))
-            d2 = jnp.where(mask, d2, jnp.zeros((), d2.dtype))
+            d1, d2 = weigh(d1, mask), weigh(d2, mask)
         s1 = jnp.sum(d1, cfg.axes, keepdims=True)
         s2 = jnp.sum(d2, cfg.axes, keepdims=True)
         # Typed like the sums (sharding, shard_map variance), for selects.
@@ -246,8 +260,7 @@ def _moments_jvp(cfg: _Config, primals: tuple, tangents: tuple) -> tuple:
     centred = (x.astype(dtype) - m.shift) - m.offset
     dvar_terms = centred * t if not _is_complex(t) else (jnp.conj(centred) * t).real
     if mask is not None:
-        t = jnp.where(mask, t, jnp.zeros((), t.dtype))
-        dvar_terms = jnp.where(mask, dvar_terms, jnp.zeros((), dvar_terms.dtype))
+        t, dvar_terms = weigh(t, mask), weigh(dvar_terms, mask)
     sum_t = jnp.sum(t, cfg.axes, keepdims=True)
     sum_ct = jnp.sum(dvar_terms, cfg.axes, keepdims=True)
     if cfg.axis_name is not None:
@@ -275,7 +288,9 @@ def shifted_moments(
     Args:
       x: the input, any floating or complex dtype.
       reduction_axes: the batch axes.
-      mask: optional boolean array of x's rank, broadcastable to x.
+      mask: optional boolean array of x's rank, broadcastable to x, or
+        non-negative weights (real, the statistics' dtype) of the same kind:
+        then the count is the sum of weights and the sums are weighted.
       axis_name: optional named axis (or tuple) to merge the statistics over.
       axis_index_groups: optional groups of indices along ``axis_name``.
       shift: the starting shift (the running mean), x's rank with size-1 batch

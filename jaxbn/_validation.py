@@ -73,18 +73,21 @@ def normalize_axes(
     return axes
 
 
-def check_momentum(momentum: Any) -> float:
-    """Checks ``0 <= momentum < 1``."""
+def check_momentum(momentum: Any) -> float | None:
+    """Checks ``0 <= momentum <= 1``, or None (the cumulative average)."""
+    if momentum is None:
+        return None
     if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
         raise TypeError(
-            f"momentum must be a Python float in [0, 1), got {momentum!r} "
+            f"momentum must be a Python float in [0, 1] or None, got {momentum!r} "
             f"({type(momentum).__name__}); it is a hyperparameter, not a traced value."
         )
-    if not 0.0 <= float(momentum) < 1.0:
+    if not 0.0 <= float(momentum) <= 1.0:
         raise ValueError(
-            f"momentum must be in [0, 1), got {momentum!r}. It is the decay of the "
-            "running average: 0.9 or 0.99 are usual (PyTorch's momentum=0.1 means "
-            "jaxbn momentum=0.9)."
+            f"momentum must be in [0, 1] or None, got {momentum!r}. It is the decay "
+            "of the running average: 0.9 or 0.99 are usual (PyTorch's momentum=0.1 "
+            "means jaxbn momentum=0.9); 1.0 freezes the running statistics and None "
+            "keeps the exact average of all batches."
         )
     return float(momentum)
 

@@ -56,7 +56,7 @@ class BatchNorm(nn.Module):
         (evaluation); if False, with the batch's, updating them (training).
         Give it here or at call time, not both.
       axis: the feature axis, or a tuple of them.
-      momentum: decay of the running average, in ``[0, 1)``.
+      momentum: decay of the running average, in ``[0, 1]``, or None.
       epsilon: added to the variance.
       dtype: output dtype; default ``jnp.result_type`` of x and the params.
       param_dtype: dtype of scale and bias.
@@ -71,7 +71,14 @@ class BatchNorm(nn.Module):
         the stable two-pass one.
       force_float32_reductions: accepted for compatibility; jaxbn always reduces
         in float32.
-      warmup: whether the running-average decay warms up (jaxbn's default).
+      warmup: whether the running-average decay warms up; the default
+        None means on, except with ``momentum=None`` or ``1.0`` (as in
+        :func:`jaxbn.batch_norm`).
+      running_var, renorm, rmax, dmax, renorm_momentum, virtual_batch_size,
+        eval_mode, zero_masked: the core's training-time variants, see
+        :func:`jaxbn.batch_norm` (renorm adds ``renorm_mean`` and
+        ``renorm_std`` to ``batch_stats``; ``momentum=None`` and renorm keep a
+        ``count`` even with ``warmup=False``).
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -95,7 +102,7 @@ class BatchNorm(nn.Module):
 
     use_running_average: bool | None = None
     axis: int | Sequence[int] = -1
-    momentum: float = 0.99
+    momentum: float | None = 0.99
     epsilon: float = 1e-5
     dtype: Any = None
     param_dtype: Any = jnp.float32
@@ -107,7 +114,15 @@ class BatchNorm(nn.Module):
     axis_index_groups: Any = None
     use_fast_variance: bool = True
     force_float32_reductions: bool = True
-    warmup: bool = True
+    warmup: bool | None = None
+    running_var: str = "biased"
+    renorm: bool = False
+    rmax: Any = None
+    dmax: Any = None
+    renorm_momentum: float | None = None
+    virtual_batch_size: int | None = None
+    eval_mode: str = "running"
+    zero_masked: bool = False
 
     @nn.compact
     def __call__(
@@ -116,6 +131,9 @@ class BatchNorm(nn.Module):
         use_running_average: bool | jax.Array | None = None,
         *,
         mask: jax.Array | None = None,
+        weights: jax.Array | None = None,
+        scale: jax.Array | None = None,
+        offset: jax.Array | None = None,
     ) -> jax.Array:
         """Normalizes ``x``, updating ``batch_stats`` in training.
 
@@ -127,6 +145,10 @@ class BatchNorm(nn.Module):
           use_running_average: overrides the field (give it in one place only).
           mask: optional boolean array broadcastable to x (NumPy's rules); the
             statistics use only its True entries.
+          weights: optional per-example weights broadcastable to x (see
+            :func:`jaxbn.batch_norm`).
+          scale: optional call-time scale (with ``use_scale=False``).
+          offset: optional call-time offset (with ``use_bias=False``).
 
         Returns:
           The normalized x, in ``dtype``.
@@ -180,6 +202,12 @@ class BatchNorm(nn.Module):
         var = self.variable("batch_stats", "var", initial, "var")
         count, count_value = _count_variable(self, from_flax)
         stats = compat.core_stats(mean.value, var.value, count_value, x.dtype)
+        renormed = []
+        if self.renorm:  # batch renormalization's moving averages
+            for name, start in (("renorm_mean", "mean"), ("renorm_std", "var")):
+                variable = self.variable("batch_stats", name, initial, start)
+                renormed.append((name, variable))
+                stats[name] = variable.value
 
         out_dtype = self.dtype
         if out_dtype is None:  # Flax's promotion of x with the params
@@ -187,10 +215,21 @@ class BatchNorm(nn.Module):
         layer = compat.core_layer(self, out_dtype, initializing=initializing)
         # Like Flax, init normalizes with the batch's statistics when training
         # (alone, without axis_name) and records nothing.
-        y, stats = layer.apply(params, stats, x, train=train, mask=mask)
+        y, stats = layer.apply(
+            params,
+            stats,
+            x,
+            train=train,
+            mask=mask,
+            weights=weights,
+            scale=scale,
+            offset=offset,
+        )
         y = compat.cast_output(y, out_dtype)
         if train is not False and not initializing:
             mean.value, var.value = stats["mean"], stats["var"]
+            for name, variable in renormed:
+                variable.value = stats[name]
             if count is not None:
                 count.value = compat.stored_count(stats["count"])
         return y
@@ -205,7 +244,7 @@ def _count_variable(module: BatchNorm, from_flax: bool) -> tuple[Any, Any]:
     mutable. (A function, not a method: Flax's summaries list every method
     call of a module.)
     """
-    if not module.warmup:
+    if not compat.keeps_count(module.warmup, module.momentum, module.renorm):
         return None, 0
     first = CONVERGED_COUNT if from_flax else 0
     if from_flax and not module.is_mutable_collection("batch_stats"):

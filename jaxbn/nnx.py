@@ -65,7 +65,7 @@ class BatchNorm(nnx.Module):
         (evaluation), False with the batch's, updating them (training); set by
         ``model.eval()`` / ``model.train()``, overridden at call time.
       axis: the feature axis, or a tuple of them.
-      momentum: decay of the running average, in ``[0, 1)``.
+      momentum: decay of the running average, in ``[0, 1]``, or None.
       epsilon: added to the variance.
       dtype: output dtype; default from ``promote_dtype``.
       param_dtype: dtype of scale and bias.
@@ -83,7 +83,14 @@ class BatchNorm(nnx.Module):
       rngs: the ``nnx.Rngs`` whose ``params`` stream initializes scale and bias.
       bias_metadata: metadata of the bias ``nnx.Param``.
       scale_metadata: metadata of the scale ``nnx.Param``.
-      warmup: whether the running-average decay warms up (jaxbn's default).
+      warmup: whether the running-average decay warms up; the default
+        None means on, except with ``momentum=None`` or ``1.0`` (as in
+        :func:`jaxbn.batch_norm`).
+      running_var, renorm, rmax, dmax, renorm_momentum, virtual_batch_size,
+        eval_mode, zero_masked: the core's training-time variants, see
+        :func:`jaxbn.batch_norm` (renorm adds the ``renorm_mean`` and
+        ``renorm_std`` batch statistics; ``momentum=None`` and renorm keep a
+        ``count`` even with ``warmup=False``).
 
     Raises:
       ValueError, TypeError: for invalid hyperparameters, when constructed (see
@@ -112,7 +119,7 @@ class BatchNorm(nnx.Module):
         *,
         use_running_average: bool | None = False,
         axis: int | Sequence[int] = -1,
-        momentum: float = 0.99,
+        momentum: float | None = 0.99,
         epsilon: float = 1e-5,
         dtype: Any = None,
         param_dtype: Any = jnp.float32,
@@ -127,14 +134,23 @@ class BatchNorm(nnx.Module):
         rngs: nnx.Rngs,
         bias_metadata: Mapping[str, Any] = MappingProxyType({}),
         scale_metadata: Mapping[str, Any] = MappingProxyType({}),
-        warmup: bool = True,
+        warmup: bool | None = None,
+        running_var: str = "biased",
+        renorm: bool = False,
+        rmax: Any = None,
+        dmax: Any = None,
+        renorm_momentum: float | None = None,
+        virtual_batch_size: int | None = None,
+        eval_mode: str = "running",
+        zero_masked: bool = False,
     ):
         feature_shape = (num_features,)
         stats = compat.initial_stats(feature_shape)
         self.mean = nnx.BatchStat(stats["mean"])  # shape=(num_features,), f32
         self.var = nnx.BatchStat(stats["var"])  # shape=(num_features,), f32
-        self.count: nnx.BatchStat[jax.Array]  # only with warmup=True
-        if warmup:  # with warmup=False the variables are exactly Flax's
+        self.count: nnx.BatchStat[jax.Array]  # only with warmup=True (or below)
+        self.keeps_count = compat.keeps_count(warmup, momentum, renorm)
+        if self.keeps_count:  # with warmup=False the variables are Flax's
             # shape=(), float32: updates so far (float, so grad never sees an int)
             self.count = nnx.BatchStat(jnp.zeros((), compat.COUNT_DTYPE))
 
@@ -169,6 +185,15 @@ class BatchNorm(nnx.Module):
         self.use_fast_variance = use_fast_variance
         self.promote_dtype = promote_dtype
         self.warmup = warmup
+        self.running_var, self.eval_mode = running_var, eval_mode
+        self.renorm, self.rmax, self.dmax = renorm, rmax, dmax
+        self.renorm_momentum = renorm_momentum
+        self.virtual_batch_size, self.zero_masked = virtual_batch_size, zero_masked
+        self.renorm_mean: nnx.BatchStat[jax.Array]  # only with renorm=True
+        self.renorm_std: nnx.BatchStat[jax.Array]
+        if renorm:  # shape=(num_features,), f32: renorm's moving averages
+            self.renorm_mean = nnx.BatchStat(stats["mean"])
+            self.renorm_std = nnx.BatchStat(stats["var"])
         compat.core_layer(self, dtype)  # checks the hyperparameters now
 
     def __call__(
@@ -177,6 +202,9 @@ class BatchNorm(nnx.Module):
         use_running_average: bool | jax.Array | None = None,
         *,
         mask: jax.Array | None = None,
+        weights: jax.Array | None = None,
+        scale: jax.Array | None = None,
+        offset: jax.Array | None = None,
     ) -> jax.Array:
         """Normalizes ``x``, updating the statistics in training.
 
@@ -186,6 +214,10 @@ class BatchNorm(nnx.Module):
           use_running_average: overrides the attribute for this call.
           mask: optional boolean array broadcastable to x (NumPy's rules); the
             statistics use only its True entries.
+          weights: optional per-example weights broadcastable to x (see
+            :func:`jaxbn.batch_norm`).
+          scale: optional call-time scale (with ``use_scale=False``).
+          offset: optional call-time offset (with ``use_bias=False``).
 
         Returns:
           The normalized x.
@@ -209,19 +241,22 @@ class BatchNorm(nnx.Module):
                 f"num_features={self.num_features}; build it with "
                 f"num_features={math.prod(features)} or check axis."
             )
-        scale = None if self.scale is None else self.scale[...]
+        learned_scale = None if self.scale is None else self.scale[...]
         bias = None if self.bias is None else self.bias[...]
         params = {}
-        if scale is not None:
-            params["scale"] = scale.reshape(features)
+        if learned_scale is not None:
+            params["scale"] = learned_scale.reshape(features)
         if bias is not None:
             params["bias"] = bias.reshape(features)
         stats = compat.core_stats(
             self.mean[...].reshape(features),
             self.var[...].reshape(features),
-            self.count[...] if self.warmup else 0,
+            self.count[...] if self.keeps_count else 0,
             x.dtype,
         )
+        if self.renorm:
+            stats["renorm_mean"] = self.renorm_mean[...].reshape(features)
+            stats["renorm_std"] = self.renorm_std[...].reshape(features)
 
         def output_dtype(args: tuple) -> jax.Array:  # Flax's promotion
             x, _, _, scale, bias = self.promote_dtype(args, dtype=self.dtype)
@@ -229,15 +264,27 @@ class BatchNorm(nnx.Module):
             return jnp.zeros((), dtype)
 
         out_dtype = jax.eval_shape(
-            output_dtype, (x, stats["mean"], stats["var"], scale, bias)
+            output_dtype, (x, stats["mean"], stats["var"], learned_scale, bias)
         ).dtype
         layer = compat.core_layer(self, out_dtype)
-        y, stats = layer.apply(params, stats, x, train=train, mask=mask)
+        y, stats = layer.apply(
+            params,
+            stats,
+            x,
+            train=train,
+            mask=mask,
+            weights=weights,
+            scale=scale,
+            offset=offset,
+        )
         y = compat.cast_output(y, out_dtype)
         if train is not False:
             _store(self.mean, stats["mean"])
             _store(self.var, stats["var"])
-            if self.warmup:
+            if self.renorm:
+                _store(self.renorm_mean, stats["renorm_mean"])
+                _store(self.renorm_std, stats["renorm_std"])
+            if self.keeps_count:
                 self.count[...] = compat.stored_count(stats["count"])
         return y
 
@@ -293,5 +340,5 @@ def mark_converged(module: nnx.Module, count: int = CONVERGED_COUNT) -> None:
     """
     count = compat.check_count(count)
     for _, child in nnx.iter_modules(module):
-        if isinstance(child, BatchNorm) and child.warmup:
+        if isinstance(child, BatchNorm) and child.keeps_count:
             child.count[...] = jnp.asarray(count, compat.COUNT_DTYPE)

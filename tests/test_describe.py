@@ -109,7 +109,7 @@ def test_describe_errors():
     with pytest.raises(ValueError, match="no batch-norm statistics"):
         jaxbn.describe({"params": {"w": jnp.ones(2)}})
     with pytest.raises(ValueError, match="momentum must be in"):
-        jaxbn.describe({"a": layer([0.0], [1.0])}, momentum=1.0)
+        jaxbn.describe({"a": layer([0.0], [1.0])}, momentum=1.5)
     with pytest.raises(ValueError, match="far must be a positive"):
         jaxbn.describe({"a": layer([0.0], [1.0])}, far=0)
 
@@ -157,3 +157,24 @@ def test_reset_stats_errors():
         jaxbn.reset_stats({"params": {}})
     with pytest.raises(ValueError, match="no batch-norm statistics"):
         jaxbn.reset_stats(nnx.Linear(2, 2, rngs=nnx.Rngs(0)))
+
+
+def test_nnx_cumulative_and_frozen_layers_report_their_decay():
+    from flax import nnx
+
+    import jaxbn.nnx
+
+    class Two(nnx.Module):
+        def __init__(self):
+            self.cumulative = jaxbn.nnx.BatchNorm(2, momentum=None, rngs=nnx.Rngs(0))
+            self.frozen = jaxbn.nnx.BatchNorm(2, momentum=1.0, rngs=nnx.Rngs(0))
+
+    model = Two()
+    x = jnp.arange(8.0).reshape(4, 2)
+    for _ in range(3):
+        model.cumulative(x)
+    rows = jaxbn.describe(model).as_dict()
+    # Cumulative: the next update weighs the 3 batches so far 3/4.
+    assert rows["cumulative"]["decay"] == pytest.approx(0.75)
+    assert rows["cumulative"]["warmed_up"] is True
+    assert rows["frozen"]["decay"] == 1.0

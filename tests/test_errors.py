@@ -13,8 +13,12 @@ import jaxbn
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"momentum": 1.0}, ValueError, r"momentum must be in \[0, 1\), got 1.0"),
-        ({"momentum": -0.1}, ValueError, r"momentum must be in \[0, 1\)"),
+        (
+            {"momentum": 1.5},
+            ValueError,
+            r"momentum must be in \[0, 1\] or None, got 1.5",
+        ),
+        ({"momentum": -0.1}, ValueError, r"momentum must be in \[0, 1\]"),
         ({"momentum": jnp.float32(0.9)}, TypeError, "momentum must be a Python float"),
         (
             {"epsilon": 0.0},

@@ -1,0 +1,161 @@
+"""Ghost (virtual) batches: each group of k examples gets its own statistics.
+
+``virtual_batch_size=k`` (Hoffer et al., 2017) splits the batch axis (axis 0)
+into ``(B // k, k)``: the group axis is then kept like a feature axis, so the
+one statistics helper computes per-group statistics and the one normalize
+helper applies them, unchanged. The running statistics receive
+``merge_groups``: the count-weighted merge of the groups, which is the
+statistics of the whole batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, overload
+
+import jax
+import jax.numpy as jnp
+
+from ._fused import fused_training
+from ._statistics import (
+    AxisName,
+    Moments,
+    ShiftedMoments,
+    abs2,
+    batch_moments,  # noqa: F401  (doctest)
+    psum_parts,
+    shifted_moments,  # noqa: F401  (doctest)
+)
+
+
+def check_groups(shape: tuple[int, ...], axes: tuple[int, ...], k: int) -> int:
+    """Checks that axis 0 is a batch axis that k divides; returns the group count.
+
+    Raises:
+      ValueError: if axis 0 is a feature axis or its size is not a multiple of k.
+    """
+    if 0 in axes or not shape:
+        raise ValueError(
+            f"virtual_batch_size={k} splits axis 0 of x into groups, but axis 0 "
+            f"is a feature axis here (x of shape {tuple(shape)}, feature axes "
+            f"{axes}); put the batch first, or drop virtual_batch_size."
+        )
+    if shape[0] % k:
+        raise ValueError(
+            f"virtual_batch_size={k} does not divide the batch of {shape[0]} "
+            f"examples (x of shape {tuple(shape)}); use a batch size that is a "
+            f"multiple of {k} (e.g. {shape[0] - shape[0] % k or k}), or a "
+            "virtual_batch_size that divides it."
+        )
+    return shape[0] // k
+
+
+@overload
+def grouped(a: jax.Array, k: int) -> jax.Array: ...
+@overload
+def grouped(a: None, k: int) -> None: ...
+def grouped(a: jax.Array | None, k: int) -> jax.Array | None:
+    """``a`` with axis 0 split into ``(size // k, k)`` (size-1 axes stay 1)."""
+    if a is None:
+        return None
+    head = (a.shape[0] // k, k) if a.shape[0] != 1 else (1, 1)
+    return a.reshape(head + tuple(a.shape[1:]))
+
+
+def ghost_training(
+    k: int,
+    x: jax.Array,
+    mask: jax.Array | None,
+    scale: jax.Array | None,
+    bias: jax.Array | None,
+    running_mean: jax.Array,
+    running_var: jax.Array,
+    options: dict[str, Any],
+) -> tuple[jax.Array, Moments]:
+    """``fused_training`` on groups of k examples; returns ``(y, merged)``.
+
+    Args:
+      k: the virtual batch size (it divides ``x.shape[0]``, a batch axis).
+      x: the input.
+      mask: optional mask or weights of x's rank.
+      scale: optional scale of x's rank (per feature or per example).
+      bias: optional bias, like ``scale``.
+      running_mean: the running mean, x's rank with size-1 batch axes.
+      running_var: the running variance, same shape.
+      options: ``fused_training``'s keyword arguments for the whole x.
+
+    Returns:
+      ``y`` shaped like x, and the merged ``Moments`` (no gradient), with x's
+      rank and size-1 batch axes, across the devices of ``axis_name`` too.
+    """
+    kw = dict(options)
+    axis_name, groups = kw.pop("axis_name"), kw.pop("axis_index_groups")
+    renorm = kw.pop("renorm")
+    if renorm is not None:
+        renorm = (grouped(renorm[0], k), grouped(renorm[1], k), *renorm[2:])
+    mean = grouped(running_mean, k)
+    y, m = fused_training(
+        grouped(x, k),
+        grouped(mask, k),
+        grouped(scale, k),
+        grouped(bias, k),
+        mean,
+        grouped(running_var, k),
+        reduction_axes=tuple(a + 1 for a in kw.pop("reduction_axes")),
+        axis_name=None,  # each device's groups are its own
+        axis_index_groups=None,
+        renorm=renorm,
+        **kw,
+    )
+    merged = merge_groups(m, mean, 0, axis_name, groups)
+    return y.reshape(x.shape), Moments(*(a[0] for a in merged))
+
+
+def merge_groups(
+    m: ShiftedMoments,
+    reference: jax.Array,
+    axis: int,
+    axis_name: AxisName | None = None,
+    axis_index_groups: Sequence[Sequence[int]] | None = None,
+) -> Moments:
+    """The count-weighted merge of per-group statistics along ``axis``.
+
+    The merged variance is the within-group part plus the spread of the group
+    means, so the merge is the statistics of all the groups' values together
+    (across the devices of ``axis_name`` too). Group means are taken relative
+    to ``reference`` (the running mean, the same on every device), which keeps
+    their differences exact for a large mean.
+
+    Args:
+      m: per-group statistics (no gradient needed), size G along ``axis``.
+      reference: broadcastable to ``m.shift``, size 1 along ``axis``.
+      axis: the group axis.
+      axis_name: optional named axis (or tuple) whose devices are merged too.
+      axis_index_groups: optional groups of indices along ``axis_name``.
+
+    Returns:
+      ``Moments`` with size 1 along ``axis``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> x = jnp.array([[1.0], [3.0], [10.0], [20.0]])
+      >>> g = shifted_moments(x.reshape(2, 2, 1), (1,))
+      >>> merged = merge_groups(g, jnp.zeros((1, 1, 1)), axis=0)
+      >>> m = batch_moments(x, (0,))
+      >>> float(merged.mean[0, 0, 0]), float(m.mean[0, 0])
+      (8.5, 8.5)
+      >>> float(merged.var[0, 0, 0]), float(m.var[0, 0])
+      (55.25, 55.25)
+    """
+    n = m.count
+    d = (m.shift - reference.astype(m.shift.dtype)) + m.offset
+    total = jnp.sum(n, axis, keepdims=True)
+    s1 = jnp.sum(n * d, axis, keepdims=True)
+    if axis_name is not None:
+        total, s1 = psum_parts([total, s1], axis_name, axis_index_groups)
+    safe = jnp.maximum(total, 1.0)
+    dm = s1 / safe
+    s2 = jnp.sum(n * (m.var + abs2(d - dm)), axis, keepdims=True)
+    if axis_name is not None:
+        (s2,) = psum_parts([s2], axis_name, axis_index_groups)
+    return Moments(total, reference + dm, s2 / safe)

@@ -1,0 +1,63 @@
+"""The types of the functional layer: ``Layer(init, apply)`` and its pieces."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple, Protocol
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+Params = dict[str, jax.Array]
+BatchStats = dict[str, jax.Array]
+Initializer = Callable[..., jax.Array]
+
+
+class InitFn(Protocol):
+    """``init(x, *, key=None) -> (params, batch_stats)``."""
+
+    def __call__(
+        self, x: Any, *, key: jax.Array | None = None
+    ) -> tuple[Params, BatchStats]: ...
+
+
+class ApplyFn(Protocol):
+    """``apply(params, batch_stats, x, *, train, mask=None) -> (y, batch_stats)``."""
+
+    def __call__(
+        self,
+        params: Params,
+        batch_stats: BatchStats,
+        x: jax.Array,
+        *,
+        train: bool | jax.Array,
+        mask: ArrayLike | None = None,
+        weights: ArrayLike | None = None,
+        scale: ArrayLike | None = None,
+        offset: ArrayLike | None = None,
+    ) -> tuple[jax.Array, BatchStats]: ...
+
+
+class Layer(NamedTuple):
+    """A batch-norm layer as a pair of pure functions.
+
+    Attributes:
+      init: ``init(x, *, key=None) -> (params, batch_stats)``; reads only
+        ``x.shape`` and ``x.dtype``.
+      apply: ``apply(params, batch_stats, x, *, train, mask=None) -> (y,
+        batch_stats)``; always returns the (possibly unchanged) statistics.
+    """
+
+    init: InitFn
+    apply: ApplyFn
+
+
+def _ones(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:
+    del key
+    return jnp.ones(shape, dtype)
+
+
+def _zeros(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:
+    del key
+    return jnp.zeros(shape, dtype)
