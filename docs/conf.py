@@ -171,8 +171,36 @@ def _write_api_page(app, config) -> None:
         target.write_text(text)
 
 
+def _join_name_lists(app, what, name, obj, options, lines) -> None:
+    """Joins an Args/Attributes entry whose list of names spans two lines.
+
+    Docstrings document related options together ("running_var, renorm, ...,"
+    continued on the next line, then ": description"), which napoleon would
+    read as a name and a stray line. Joined on one line without spaces
+    ("running_var/renorm/...: description") it is one entry whose name is not
+    mistaken for a type.
+    """
+    import re
+
+    i = 0
+    while i + 1 < len(lines):
+        first, second = lines[i], lines[i + 1]
+        indent = len(first) - len(first.lstrip())
+        if (
+            re.fullmatch(r"\s*\w+(, \w+)+,", first)
+            and re.match(r"\s*\w+(, \w+)*:", second)
+            and len(second) - len(second.lstrip()) > indent
+        ):
+            names, rest = (first + " " + second.lstrip()).split(":", 1)
+            lines[i : i + 2] = [
+                " " * indent + names.strip().replace(", ", "/") + ":" + rest
+            ]
+        i += 1
+
+
 def setup(app):  # noqa: D103 (Sphinx extension hook)
     app.connect("config-inited", _write_api_page)
+    app.connect("autodoc-process-docstring", _join_name_lists, priority=100)
 
 
 # --- references ------------------------------------------------------------------
