@@ -89,6 +89,34 @@ def headline_table(run: dict[str, Any], donated: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def rewrite_table(before: dict[str, Any], after: dict[str, Any]) -> str:
+    """The table of jaxbn before and after the statistics rewrite, per shape and op.
+
+    Both runs were taken back to back; the ratios are flax.linen ÷ jaxbn and
+    torch ÷ jaxbn within each run (above 1: jaxbn is faster).
+    """
+    rows = [
+        "| shape | op | jaxbn ms before | jaxbn ms after | flax ÷ jaxbn before "
+        "| flax ÷ jaxbn after | torch ÷ jaxbn after |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    old = {s["name"]: s for s in before["shapes"]}
+    for shape in after["shapes"]:
+        new_r, old_r = shape["results"], old[shape["name"]]["results"]
+        for op in OPS:
+            if op not in new_r["jaxbn"] or op not in old_r["jaxbn"]:
+                continue
+            a, b = old_r["jaxbn"][op]["median_ms"], new_r["jaxbn"][op]["median_ms"]
+            fa = old_r["flax.linen"][op]["median_ms"] / a
+            fb = new_r["flax.linen"][op]["median_ms"] / b
+            tb = new_r["torch"][op]["median_ms"] / b
+            rows.append(
+                f"| {_label(shape)} | {op} | {a:.2f} | {b:.2f} | {fa:.2f}× "
+                f"| {fb:.2f}× | {tb:.2f}× |"
+            )
+    return "\n".join(rows)
+
+
 def memory_table(run: dict[str, Any]) -> str:
     """Residuals, XLA scratch and compile time (Markdown), jaxbn vs flax.linen."""
     rows = [
