@@ -1,10 +1,11 @@
 """The training path: batch statistics, normalization, and what autodiff saves.
 
 Batch norm is memory-bound, so its cost is the number of passes over x. Let S be
-the bytes of x. A training forward makes two passes (3S of traffic): the
-statistics' fused sums (``_statistics``; a re-centring pass more, rarely, when
-the running mean is far from the batch mean), and one elementwise pass that
-reads x and writes y.
+the bytes of x. A training forward reads x three times and writes y once (4S of
+traffic): the statistics' two fused reductions (``_statistics``; a re-centring
+pass more, rarely, when the running mean is far from the batch mean), and one
+elementwise pass that reads x and writes y. The backward reads x and dy twice
+and writes dx: two reductions and one elementwise pass.
 
 Every JAX transformation applies: the statistics have a closed-form, linear
 tangent rule (``jax.custom_jvp`` in ``_statistics``), and the normalization is

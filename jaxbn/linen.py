@@ -35,8 +35,10 @@ class BatchNorm(nn.Module):
       float32 scalar, exact up to ``2**24`` updates) counts. ``warmup=False``
       updates exactly like Flax and has exactly Flax's variables (no count).
     * Statistics are always computed in float32 (or wider, for float64 or
-      complex x) and in two passes: ``use_fast_variance`` and
-      ``force_float32_reductions`` are accepted and ignored, and running
+      complex x), shifted by the running mean and re-centred when it is
+      far from the batch mean (see :func:`jaxbn.batch_norm`):
+      ``use_fast_variance`` and ``force_float32_reductions`` are accepted and
+      ignored, and running
       statistics are never kept in a lower precision.
     * Training without ``mutable=['batch_stats']`` raises a ``ValueError`` that
       says so, instead of silently dropping or failing on the update.

@@ -47,7 +47,8 @@ class BatchNorm(nnx.Module):
       that ``nnx.grad`` of a whole module works). ``warmup=False`` updates
       exactly like Flax and has exactly Flax's variables (no ``count``).
     * Statistics are computed from x in float32 (or wider, for float64 or
-      complex x) and in two passes, whatever ``dtype``: ``use_fast_variance``
+      complex x), shifted by the running mean and re-centred when it is far
+      from the batch mean, whatever ``dtype``: ``use_fast_variance``
       is accepted and ignored, and ``promote_dtype`` only decides the output
       dtype (by default the promotion of x, the statistics and the params, as
       in Flax).
