@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 from collections.abc import Hashable, Sequence
 from functools import partial
-from typing import Any, NamedTuple, overload
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -140,23 +140,6 @@ def psum_parts(parts: list[jax.Array], axis_name: Any, groups: Any) -> list:
 
 def _is_complex(a: jax.Array) -> bool:
     return jnp.issubdtype(a.dtype, jnp.complexfloating)
-
-
-def _varying(a: jax.Array) -> frozenset:
-    manual = getattr(jax.typeof(a), "mat", None)
-    return frozenset() if manual is None else frozenset(manual.varying)
-
-
-@overload
-def varying_as(a: jax.Array, ref: jax.Array) -> jax.Array: ...
-@overload
-def varying_as(a: None, ref: jax.Array) -> None: ...
-def varying_as(a: jax.Array | None, ref: jax.Array) -> jax.Array | None:
-    """``a`` marked as varying over the ``jax.shard_map`` axes that ref varies over."""
-    if a is None:
-        return None
-    missing = tuple(sorted(_varying(ref) - _varying(a), key=str))
-    return lax.pcast(a, missing, to="varying") if missing else a
 
 
 def _kept_shape(shape: tuple[int, ...], axes: tuple[int, ...]) -> tuple[int, ...]:
