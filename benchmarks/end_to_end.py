@@ -246,14 +246,10 @@ def _run_config(
 def _run_here(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     from importlib import metadata
 
-    from benchmarks.timing import CacheFlusher, last_level_cache_bytes
+    from benchmarks.timing import cache_flusher
 
-    flush_bytes = (
-        args.flush_mib << 20
-        if args.flush_mib is not None
-        else int(1.25 * last_level_cache_bytes())
-    )
-    flusher = CacheFlusher(flush_bytes)
+    flusher = cache_flusher(args.flush_mib)
+    flush_bytes = flusher.nbytes
     machine = _machine(flush_bytes)
     machine["versions"]["optax"] = metadata.version("optax")
     start = time.perf_counter()

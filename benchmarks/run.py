@@ -279,14 +279,10 @@ def _traces(args: argparse.Namespace) -> dict[str, Any]:
 
 def _run_here(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     from benchmarks.implementations import BY_NAME
-    from benchmarks.timing import CacheFlusher, last_level_cache_bytes
+    from benchmarks.timing import cache_flusher
 
-    flush_bytes = (
-        args.flush_mib << 20
-        if args.flush_mib is not None
-        else int(1.25 * last_level_cache_bytes())
-    )
-    flusher = CacheFlusher(flush_bytes)
+    flusher = cache_flusher(args.flush_mib)
+    flush_bytes = flusher.nbytes
     start = time.perf_counter()
     run: dict[str, Any] = {
         "allocator": {k: os.environ[k] for k in ALLOCATOR_VARS if k in os.environ},

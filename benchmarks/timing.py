@@ -65,6 +65,13 @@ class CacheFlusher:
             self._buffer.max()
 
 
+def cache_flusher(flush_mib: int | None) -> CacheFlusher:
+    """The flusher of a run: ``flush_mib`` MiB, or 1.25x the last-level cache."""
+    if flush_mib is not None:
+        return CacheFlusher(flush_mib << 20)
+    return CacheFlusher(int(1.25 * last_level_cache_bytes()))
+
+
 @dataclasses.dataclass(frozen=True)
 class Summary:
     """Order statistics of the samples of one case, in seconds."""
