@@ -2,10 +2,23 @@
 
 The functional core is :func:`jaxbn.batch_norm`, a factory returning a
 ``Layer(init, apply)`` of pure functions whose ``apply`` always returns the output
-together with the updated ``batch_stats``. Flax adapters live in ``jaxbn.linen``
-and ``jaxbn.nnx``.
+together with the updated ``batch_stats``; its options are checked once, into a
+:class:`jaxbn.BatchNormConfig` (``layer.config``).
+
+Public modules:
+
+* ``jaxbn``: the core (``batch_norm``, ``batch_moments``, ``decay``) and the
+  after-training tools (``describe``, ``reset_stats``, ``recalibrate``,
+  ``fold``, ``fold_kernel``).
+* ``jaxbn.linen``: ``BatchNorm``, a drop-in for ``flax.linen.BatchNorm``.
+* ``jaxbn.nnx``: ``BatchNorm``, a drop-in for ``flax.nnx.BatchNorm``.
+* ``jaxbn.equinox``: ``BatchNorm``, a drop-in for ``equinox.nn.BatchNorm``
+  (needs equinox).
+* ``jaxbn.interop``: converters of one layer's variables from and to PyTorch,
+  Keras, Haiku, Equinox and Flax.
 """
 
+from ._config import BatchNormConfig as BatchNormConfig
 from ._describe import StatsReport as StatsReport
 from ._describe import describe as describe
 from ._describe import reset_stats as reset_stats
@@ -22,10 +35,11 @@ from ._running import decay as decay
 from ._statistics import Moments as Moments
 from ._statistics import batch_moments as batch_moments
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "ApplyFn",
+    "BatchNormConfig",
     "BatchStats",
     "InitFn",
     "Layer",

@@ -2,70 +2,30 @@
 
 Both read every batch-norm layer of a model: a ``batch_stats`` tree of nested
 dicts (linen variables, the core's per-layer ``{"mean", "var", "count"}``) or a
-``flax.nnx`` model. The tree walkers here are shared with recalibration and
-folding.
+``flax.nnx`` model, through the walkers of ``_trees``. The decay reported is
+the core's (``_running.decay_rule``), with the core's warm-up default.
 """
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-Path = tuple[Any, ...]
-
-
-def path_name(path: Path) -> str:
-    """``("Block_0", "BatchNorm_0")`` -> ``"Block_0/BatchNorm_0"``; ``()``: ``"."``."""
-    return "/".join(str(p) for p in path) or "."
-
-
-def is_nnx_module(obj: Any) -> bool:
-    """Whether obj is a ``flax.nnx.Module`` (without importing flax.nnx)."""
-    nnx = sys.modules.get("flax.nnx")
-    return nnx is not None and isinstance(obj, nnx.Module)
-
-
-def stats_root(tree: Mapping[str, Any]) -> Mapping[str, Any]:
-    """The ``batch_stats`` collection of a variable dict, or the tree itself."""
-    inner = tree.get("batch_stats")
-    return inner if isinstance(inner, Mapping) else tree
-
-
-def iter_layers(tree: Any, path: Path = ()) -> Iterator[tuple[Path, Mapping]]:
-    """(path, layer) for every mapping holding ``mean`` and ``var`` in ``tree``."""
-    if not isinstance(tree, Mapping):
-        return
-    if "mean" in tree and "var" in tree:
-        yield path, tree
-        return
-    for name, value in tree.items():
-        yield from iter_layers(value, (*path, name))
-
-
-def replace_layers(tree: Any, new: Mapping[Path, Any], path: Path = ()) -> Any:
-    """A copy of ``tree`` (nested dicts) with the layers at ``new``'s paths replaced."""
-    if path in new:
-        return new[path]
-    if not isinstance(tree, Mapping):
-        return tree
-    return {k: replace_layers(v, new, (*path, k)) for k, v in tree.items()}
-
-
-def nnx_norm_layers(model: Any) -> list[tuple[Path, Any]]:
-    """(path, module) of the batch norms (``mean``/``var`` BatchStats) of a model."""
-    from flax import nnx
-
-    found = []
-    for path, module in nnx.iter_modules(model):
-        mean, var = getattr(module, "mean", None), getattr(module, "var", None)
-        if isinstance(mean, nnx.BatchStat) and isinstance(var, nnx.BatchStat):
-            found.append((tuple(path), module))
-    return found
+from ._converged import CONVERGED_COUNT
+from ._hyperparams import check_momentum, default_warmup
+from ._running import decay_rule
+from ._trees import (
+    is_nnx_module,
+    iter_layers,
+    nnx_norm_layers,
+    path_name,
+    replace_layers,
+    stats_root,
+)
 
 
 def _layers(stats: Any) -> list[tuple[str, dict[str, Any], Any, Any]]:
@@ -201,8 +161,7 @@ def describe(
       >>> report.as_dict()["bad"]["zero_var"], report.ok
       (1, False)
     """
-    if momentum is not None and not 0.0 <= momentum <= 1.0:
-        raise ValueError(f"momentum must be in [0, 1] or None, got {momentum!r}.")
+    momentum = check_momentum(momentum)
     if not far > 0:
         raise ValueError(f"far must be a positive number of deviations, got {far!r}.")
     layers = _layers(stats)
@@ -212,9 +171,7 @@ def describe(
     for name, layer, m, w in layers:
         if m is _FROM_ARGS:  # a tree: the arguments describe every layer
             m, w = momentum, warmup
-        # An nnx layer's warmup=None means on, except for cumulative (None) and
-        # frozen (1.0) statistics, as in jaxbn.batch_norm.
-        w = (m is not None and m != 1.0) if w is None else bool(w)
+        w = default_warmup(m) if w is None else bool(w)
         rows[name] = _row(layer, m, w, far)
     return StatsReport(rows)
 
@@ -226,10 +183,10 @@ def _row(
     var = np.asarray(jax.device_get(layer["var"]), np.float64).ravel()
     count = layer.get("count")
     count = None if count is None else int(jax.device_get(count))
-    warm = 1.0 if count is None else (1.0 + count) / (10.0 + count)
-    if momentum is None:  # the cumulative average of every batch so far
-        warmup, momentum = False, 0.0 if count is None else count / (1.0 + count)
-    decay = min(momentum, warm) if warmup else momentum
+    # Statistics saved without a count are taken as converged, as the layers do.
+    counted = float(CONVERGED_COUNT if count is None else count)
+    decay = decay_rule(counted, momentum, warmup, min)
+    warm = decay_rule(counted, 1.0, True, min)
     finite = np.isfinite(mean) & np.isfinite(var)
     std = np.sqrt(np.where(finite & (var > 0), var, 0.0))
     safe_mean = np.where(finite, mean, 0.0)
@@ -238,7 +195,7 @@ def _row(
         "features": int(mean.size),
         "count": count,
         "decay": float(decay),
-        "warmed_up": (not warmup) or warm >= momentum,
+        "warmed_up": (not warmup) or momentum is None or warm >= momentum,
         "max_abs_mean": float(np.max(np.abs(safe_mean), initial=0.0)),
         "min_var": float(np.min(np.where(finite, var, np.inf), initial=np.inf)),
         "max_var": float(np.max(np.where(finite, var, -np.inf), initial=-np.inf)),

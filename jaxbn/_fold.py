@@ -19,7 +19,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._describe import is_nnx_module, replace_layers
+from ._hyperparams import check_axis_spec, check_epsilon
+from ._inputs import normalize_axes
+from ._trees import is_nnx_module, replace_layers
 
 
 def identity_var(epsilon: float) -> np.float32:
@@ -32,17 +34,6 @@ def identity_var(epsilon: float) -> np.float32:
             return v
         v = np.nextafter(v, np.float32(-np.inf if total > 1 else np.inf))
     return v
-
-
-def _check_epsilon(epsilon: Any) -> float:
-    if isinstance(epsilon, bool) or not isinstance(epsilon, int | float):
-        raise TypeError(f"epsilon must be a float, got {epsilon!r}.")
-    if not 0 < epsilon < 1:
-        raise ValueError(
-            f"epsilon must be in (0, 1), got {epsilon!r}; pass the batch norm's own "
-            "epsilon (1e-5 by default in jaxbn and Flax)."
-        )
-    return float(epsilon)
 
 
 def fold_kernel(
@@ -75,7 +66,7 @@ def fold_kernel(
 
     Raises:
       ValueError: if the statistics do not have one entry per output feature,
-        or epsilon is not in (0, 1).
+        or epsilon is not positive and finite (the layer's rule).
       TypeError: if epsilon is not a float.
 
     Examples:
@@ -87,10 +78,9 @@ def fold_kernel(
       >>> jnp.round(k, 4), jnp.round(b, 4)
       (Array([[0.5, 2. ]], dtype=float32), Array([-0.5,  0. ], dtype=float32))
     """
-    epsilon = _check_epsilon(epsilon)
+    epsilon = check_epsilon(epsilon)
     kernel = jnp.asarray(kernel)
-    raw = (axis,) if isinstance(axis, int) else tuple(axis)
-    axes = tuple(sorted(a % kernel.ndim for a in raw))
+    axes = normalize_axes(check_axis_spec(axis), kernel.ndim, batch_elsewhere=True)
     features = tuple(kernel.shape[a] for a in axes)
     mean = jnp.asarray(batch_stats["mean"])
     if mean.size != math.prod(features):
@@ -281,7 +271,7 @@ def fold(
 
     Raises:
       ValueError: if a name is not found, a layer has no kernel, the features
-        do not match, or epsilon is not in (0, 1).
+        do not match, or epsilon is not positive and finite (the layer's rule).
       TypeError: if epsilon is not a float.
 
     Examples:
@@ -301,7 +291,7 @@ def fold(
       >>> bool(jnp.allclose(Net().apply(folded, x), Net().apply(variables, x)))
       True
     """
-    epsilon = _check_epsilon(epsilon)
+    epsilon = check_epsilon(epsilon)
     if is_nnx_module(model):
         _fold_nnx(model, pairs)
         return None

@@ -11,12 +11,11 @@ statistics of the whole batch.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, overload
+from typing import overload
 
 import jax
 import jax.numpy as jnp
 
-from ._fused import fused_training
 from ._statistics import (
     AxisName,
     Moments,
@@ -26,28 +25,7 @@ from ._statistics import (
     psum_parts,
     shifted_moments,  # noqa: F401  (doctest)
 )
-
-
-def check_groups(shape: tuple[int, ...], axes: tuple[int, ...], k: int) -> int:
-    """Checks that axis 0 is a batch axis that k divides; returns the group count.
-
-    Raises:
-      ValueError: if axis 0 is a feature axis or its size is not a multiple of k.
-    """
-    if 0 in axes or not shape:
-        raise ValueError(
-            f"virtual_batch_size={k} splits axis 0 of x into groups, but axis 0 "
-            f"is a feature axis here (x of shape {tuple(shape)}, feature axes "
-            f"{axes}); put the batch first, or drop virtual_batch_size."
-        )
-    if shape[0] % k:
-        raise ValueError(
-            f"virtual_batch_size={k} does not divide the batch of {shape[0]} "
-            f"examples (x of shape {tuple(shape)}); use a batch size that is a "
-            f"multiple of {k} (e.g. {shape[0] - shape[0] % k or k}), or a "
-            "virtual_batch_size that divides it."
-        )
-    return shape[0] // k
+from ._training import Running, StepOptions, training_step
 
 
 @overload
@@ -68,11 +46,10 @@ def ghost_training(
     mask: jax.Array | None,
     scale: jax.Array | None,
     bias: jax.Array | None,
-    running_mean: jax.Array,
-    running_var: jax.Array,
-    options: dict[str, Any],
+    running: Running,
+    options: StepOptions,
 ) -> tuple[jax.Array, Moments]:
-    """``fused_training`` on groups of k examples; returns ``(y, merged)``.
+    """``training_step`` on groups of k examples; returns ``(y, merged)``.
 
     Args:
       k: the virtual batch size (it divides ``x.shape[0]``, a batch axis).
@@ -80,34 +57,33 @@ def ghost_training(
       mask: optional mask or weights of x's rank.
       scale: optional scale of x's rank (per feature or per example).
       bias: optional bias, like ``scale``.
-      running_mean: the running mean, x's rank with size-1 batch axes.
-      running_var: the running variance, same shape.
-      options: ``fused_training``'s keyword arguments for the whole x.
+      running: the running statistics, x's rank with size-1 batch axes.
+      options: the training step's options for the whole x.
 
     Returns:
       ``y`` shaped like x, and the merged ``Moments`` (no gradient), with x's
       rank and size-1 batch axes, across the devices of ``axis_name`` too.
     """
-    kw = dict(options)
-    axis_name, groups = kw.pop("axis_name"), kw.pop("axis_index_groups")
-    renorm = kw.pop("renorm")
+    renorm = running.renorm
     if renorm is not None:
-        renorm = (grouped(renorm[0], k), grouped(renorm[1], k), *renorm[2:])
-    mean = grouped(running_mean, k)
-    y, m = fused_training(
+        renorm = renorm._replace(
+            mean=grouped(renorm.mean, k), std=grouped(renorm.std, k)
+        )
+    mean = grouped(running.mean, k)
+    per_group = options._replace(
+        reduction_axes=tuple(a + 1 for a in options.reduction_axes),
+        axis_name=None,  # each device's groups are its own
+        groups=None,
+    )
+    y, m = training_step(
         grouped(x, k),
         grouped(mask, k),
         grouped(scale, k),
         grouped(bias, k),
-        mean,
-        grouped(running_var, k),
-        reduction_axes=tuple(a + 1 for a in kw.pop("reduction_axes")),
-        axis_name=None,  # each device's groups are its own
-        axis_index_groups=None,
-        renorm=renorm,
-        **kw,
+        Running(mean, grouped(running.var, k), renorm),
+        per_group,
     )
-    merged = merge_groups(m, mean, 0, axis_name, groups)
+    merged = merge_groups(m, mean, 0, options.axis_name, options.groups)
     return y.reshape(x.shape), Moments(*(a[0] for a in merged))
 
 

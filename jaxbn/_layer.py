@@ -1,22 +1,31 @@
-"""The functional batch-norm layer: ``jaxbn.batch_norm(...) -> Layer(init, apply)``."""
+"""The functional batch-norm layer: ``jaxbn.batch_norm(...) -> Layer(init, apply)``.
+
+``batch_norm`` checks its options once, into a :class:`BatchNormConfig`, and
+binds the module-level :func:`init` and :func:`apply` to it. ``apply`` checks
+the call's inputs (``_inputs``), then runs the training step (``_training``,
+or ``_ghost`` for virtual batches) or the evaluation (``_normalize``) and
+moves the running statistics (``_running``). The adapters call :func:`run`,
+which is ``apply`` with their own output dtype.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Sequence
-from typing import Any
+from functools import partial
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.typing import ArrayLike
 
-from . import _ghost as g
-from . import _options as o
-from . import _validation as v
-from ._fused import fused_training
-from ._normalize import normalize
+from . import _inputs as inputs
+from ._config import BatchNormConfig, Geometry
+from ._ghost import ghost_training
+from ._normalize import RenormOperands, clip_bound, normalize
 from ._running import update_running_stats
-from ._statistics import Moments, devices_in_axis, mean_dtype, real_dtype, valid
+from ._statistics import Moments, devices_in_axis, real_dtype, sanitized, valid
+from ._training import Running, StepOptions, training_step
 from ._types import ApplyFn as ApplyFn
 from ._types import BatchStats as BatchStats
 from ._types import InitFn as InitFn
@@ -28,6 +37,7 @@ from ._types import _ones, _zeros
 
 def batch_norm(
     axis: int | Sequence[int] = -1,
+    *,
     momentum: float | None = 0.99,
     epsilon: float = 1e-5,
     center: bool = True,
@@ -144,6 +154,9 @@ def batch_norm(
       zero_masked: whether ``y`` is set to 0 where the mask is False (or the
         weight 0), in training and evaluation: zeroed padding.
 
+    Every option after ``axis`` is keyword-only. The options are checked once,
+    into a frozen :class:`jaxbn.BatchNormConfig` (``layer.config``).
+
     Returns:
       A ``Layer(init, apply)``. ``init(x, *, key=None)`` returns ``(params,
       batch_stats)`` with ``params = {"scale", "bias"}`` (param_dtype, feature
@@ -151,7 +164,8 @@ def batch_norm(
       "var": ones, "count": 0}`` (float32 feature shape, float64 for float64
       x, a complex mean for complex x; int32 scalar count); ``key``
       defaults to ``jax.random.key(0)`` and is used only by random initializers.
-      ``apply(params, batch_stats, x, *, train, mask=None, weights=None)`` returns
+      ``apply(params, batch_stats, x, *, train, mask=None, weights=None,
+      scale=None, offset=None)`` returns
       ``(y, batch_stats)``. ``train`` is a Python bool, or a scalar boolean array to
       choose the mode at run time with one compiled function (``lax.cond``: only the
       chosen branch runs). ``mask``, a boolean array broadcastable to x, restricts
@@ -204,191 +218,269 @@ def batch_norm(
       >>> layer.init(jax.ShapeDtypeStruct((8, 3), jnp.bfloat16))[1]["var"]
       Array([1., 1., 1.], dtype=float32)
     """
-    axis_spec = v.check_axis_spec(axis)
-    momentum = v.check_momentum(momentum)
-    warmup = o.check_warmup(warmup, momentum)
-    unbiased = (
-        o.check_choice(
-            "running_var",
-            running_var,
-            ("biased", "unbiased"),
-            "'unbiased' stores n/(n-1) times the batch variance, as PyTorch does.",
-        )
-        == "unbiased"
+    config = BatchNormConfig(
+        axis=axis,  # pyright: ignore[reportArgumentType]
+        momentum=momentum,
+        epsilon=epsilon,
+        center=center,
+        scale=scale,
+        warmup=warmup,
+        allow_one_value=allow_one_value,
+        axis_name=axis_name,
+        axis_index_groups=axis_index_groups,  # pyright: ignore[reportArgumentType]
+        dtype=dtype,
+        param_dtype=param_dtype,
+        scale_init=scale_init,
+        bias_init=bias_init,
+        running_var=running_var,
+        renorm=renorm,
+        rmax=rmax,
+        dmax=dmax,
+        renorm_momentum=renorm_momentum,
+        virtual_batch_size=virtual_batch_size,
+        eval_mode=eval_mode,
+        zero_masked=zero_masked,
     )
-    renorm_options = o.check_renorm(renorm, rmax, dmax, renorm_momentum)
-    ghost = o.check_virtual_batch_size(virtual_batch_size)
-    why = "'batch' normalizes with the batch's statistics in evaluation too."
-    local_stats = o.check_choice("eval_mode", eval_mode, ("running", "batch"), why)
-    local_stats = local_stats == "batch"
-    zero_masked = bool(zero_masked)
-    epsilon = v.check_epsilon(epsilon)
-    dtype = v.check_float_dtype("dtype", dtype, allow_none=True)
-    param_dtype = v.check_float_dtype("param_dtype", param_dtype, allow_none=False)
-    if axis_index_groups is not None and axis_name is None:
-        raise ValueError(
-            "axis_index_groups was given without axis_name; pass the axis_name "
-            "whose devices the groups split."
-        )
-    learn_bias, learn_scale = bool(center), bool(scale)
-    allow_one_value = bool(allow_one_value)
-    renorm_update = None
-    if renorm_options is not None:
-        renorm_update = (renorm_options[2], epsilon)
-    batch_elsewhere = axis_name is not None or allow_one_value
+    return layer_of(config)
 
-    def geometry(x: Any) -> tuple[v.Axes, tuple[int, ...], tuple[int, ...]]:
-        v.check_x(x)
-        axes = v.normalize_axes(axis_spec, len(x.shape), batch_elsewhere)
-        feature_shape = tuple(x.shape[a] for a in axes)
-        kept = tuple(d if i in axes else 1 for i, d in enumerate(x.shape))
-        return axes, feature_shape, kept
 
-    def stats_spec(feature_shape: tuple[int, ...], x_dtype: Any) -> dict:
-        spec = v.stats_spec(feature_shape, x_dtype)
-        if renorm_options is not None:
-            spec["renorm_mean"] = spec["mean"]
-            spec["renorm_std"] = spec["var"]
-        return spec
+def layer_of(config: BatchNormConfig) -> Layer:
+    """The ``Layer`` of a configuration: :func:`init` and :func:`apply` bound to it."""
+    return Layer(init=partial(init, config), apply=partial(apply, config))
 
-    def init(x: Any, *, key: jax.Array | None = None) -> tuple[Params, BatchStats]:
-        _, feature_shape, _ = geometry(x)
-        key = jax.random.key(0) if key is None else key
-        scale_key, bias_key = jax.random.split(key)
-        params: Params = {}
-        if learn_scale:
-            params["scale"] = jnp.asarray(
-                scale_init(scale_key, feature_shape, param_dtype), param_dtype
-            )
-        if learn_bias:
-            params["bias"] = jnp.asarray(
-                bias_init(bias_key, feature_shape, param_dtype), param_dtype
-            )
-        batch_stats: BatchStats = {
-            # shape=features; float32 (float64 for float64 x, complex for complex x)
-            "mean": jnp.zeros(feature_shape, mean_dtype(x.dtype)),
-            "var": jnp.ones(feature_shape, real_dtype(x.dtype)),  # shape=features
-            "count": jnp.zeros((), jnp.int32),  # shape=(), int32: updates so far
-        }
-        if renorm_options is not None:
-            batch_stats["renorm_mean"] = jnp.zeros_like(batch_stats["mean"])
-            batch_stats["renorm_std"] = jnp.ones_like(batch_stats["var"])
-        return params, batch_stats
 
-    def apply(
-        params: Params,
-        batch_stats: BatchStats,
-        x: jax.Array,
-        *,
-        train: bool | jax.Array,
-        mask: ArrayLike | None = None,
-        weights: ArrayLike | None = None,
-        scale: ArrayLike | None = None,
-        offset: ArrayLike | None = None,
-    ) -> tuple[jax.Array, BatchStats]:
-        axes, feature_shape, kept = geometry(x)
-        train = v.check_train(train)
-        expected_params = {}
-        if learn_scale:
-            expected_params["scale"] = (feature_shape, param_dtype)
-        if learn_bias:
-            expected_params["bias"] = (feature_shape, param_dtype)
-        v.check_mapping(
-            "params", params, expected_params, feature_shape, axes, axis_spec, False
-        )
-        v.check_mapping(
-            "batch_stats",
-            batch_stats,
-            stats_spec(feature_shape, x.dtype),
-            feature_shape,
-            axes,
-            axis_spec,
-            True,
-        )
-        if mask is not None:
-            mask = v.check_mask(mask, tuple(x.shape))
-        if weights is not None:
-            w = o.check_weights(weights, tuple(x.shape), real_dtype(x.dtype))
-            # A mask is the 0/1 case of weights: the two combine.
-            mask = w if mask is None else jnp.where(mask, w, jnp.zeros((), w.dtype))
-        reduction_axes = tuple(i for i in range(x.ndim) if i not in axes)
-        out_dtype = x.dtype if dtype is None else dtype
-        gamma = params["scale"].reshape(kept) if learn_scale else None
-        beta = params["bias"].reshape(kept) if learn_bias else None
-        if scale is not None:
-            gamma = o.check_external("scale", scale, x.shape, learn_scale)
-        if offset is not None:
-            beta = o.check_external("offset", offset, x.shape, learn_bias)
+def init(
+    config: BatchNormConfig, x: Any, *, key: jax.Array | None = None
+) -> tuple[Params, BatchStats]:
+    """``Layer.init``: the initial ``(params, batch_stats)`` for x's shape and dtype."""
+    feature_shape = config.geometry(x).feature_shape
+    key = jax.random.key(0) if key is None else key
+    scale_key, bias_key = jax.random.split(key)
+    params: Params = {}
+    if config.scale:
+        made = config.scale_init(scale_key, feature_shape, config.param_dtype)
+        params["scale"] = jnp.asarray(made, config.param_dtype)
+    if config.center:
+        made = config.bias_init(bias_key, feature_shape, config.param_dtype)
+        params["bias"] = jnp.asarray(made, config.param_dtype)
+    return params, initial_stats(config, feature_shape, x.dtype)
 
-        def evaluate(operands: tuple) -> tuple[jax.Array, BatchStats]:
-            x, _, stats = operands
-            if local_stats:  # normalize with the batch's statistics, no update
-                return training(operands)[0], stats
-            mean = stats["mean"].reshape(kept)
-            var = stats["var"].reshape(kept)
-            return normalize(x, mean, var, gamma, beta, epsilon, out_dtype), stats
 
-        def training(operands: tuple) -> tuple[jax.Array, BatchStats]:
-            x, mask, stats = operands
-            mean, var = stats["mean"].reshape(kept), stats["var"].reshape(kept)
-            kw = {
-                "reduction_axes": reduction_axes,
-                "epsilon": epsilon,
-                "axis_name": axis_name,
-                "axis_index_groups": axis_index_groups,
-                "dtype": out_dtype,
-                "renorm": o.renorm_operands(stats, kept, renorm_options, x.dtype),
-            }
-            if ghost is not None:
-                y, moments = g.ghost_training(
-                    ghost, x, mask, gamma, beta, mean, var, kw
-                )
-                return y, updated(stats, moments)
-            y, m = fused_training(x, mask, gamma, beta, mean, var, **kw)
-            moments = Moments(m.count, m.shift + m.offset, m.var)
-            return y, updated(stats, moments)
+def initial_stats(
+    config: BatchNormConfig, feature_shape: tuple[int, ...], x_dtype: Any
+) -> BatchStats:
+    """Fresh statistics: mean 0, var 1, count 0 (and renorm's, if any).
 
-        def updated(stats: BatchStats, moments: Moments) -> BatchStats:
-            flat = Moments(*(a.reshape(feature_shape) for a in moments))
-            if momentum == 1.0:  # frozen: bitwise unchanged, count included
-                return stats
-            return update_running_stats(
-                stats, flat, momentum, warmup, unbiased, renorm_update
-            )
+    Shaped ``feature_shape``, float32 (float64 for float64 x, a complex mean
+    for complex x); count an int32 scalar.
+    """
+    mean_dtype, var_dtype = config.stats_dtypes(x_dtype)
+    stats: BatchStats = {
+        "mean": jnp.zeros(feature_shape, mean_dtype),  # shape=features
+        "var": jnp.ones(feature_shape, var_dtype),  # shape=features
+        "count": jnp.zeros((), jnp.int32),  # shape=(), int32: updates so far
+    }
+    if config.renorm:
+        stats["renorm_mean"] = jnp.zeros_like(stats["mean"])
+        stats["renorm_std"] = jnp.ones_like(stats["var"])
+    return stats
 
-        if ghost is not None:
-            g.check_groups(tuple(x.shape), axes, ghost)
-        if (train is True or local_stats) and not allow_one_value:
-            _check_enough_values(x.shape, reduction_axes)
-        if mask is not None:
-            # Padding may hold NaN: read a masked non-finite entry as 0 so it
-            # reaches neither the statistics nor any gradient.
-            x = jnp.where(valid(mask) | jnp.isfinite(x), x, jnp.zeros((), x.dtype))
-        operands = (x, mask, batch_stats)
-        if isinstance(train, bool):
-            y, stats = training(operands) if train else evaluate(operands)
-        else:
-            y, stats = lax.cond(train, training, evaluate, operands)
-        if zero_masked and mask is not None:
-            y = jnp.where(valid(mask), y, jnp.zeros((), y.dtype))
-        return y, stats
 
-    def _check_enough_values(shape: tuple, reduction_axes: tuple) -> None:
-        per_device = 1
-        for a in reduction_axes:
-            per_device *= shape[a] if (a or ghost is None) else ghost
-        devices = devices_in_axis(axis_name, axis_index_groups)
-        if ghost is not None:
+class Affine(NamedTuple):
+    """The scale and bias of one ``apply``, with x's rank (either may be None).
+
+    Attributes:
+      scale: the learned scale, or the call-time ``scale``.
+      bias: the learned bias, or the call-time ``offset``.
+    """
+
+    scale: jax.Array | None
+    bias: jax.Array | None
+
+
+def apply(
+    config: BatchNormConfig,
+    params: Params,
+    batch_stats: BatchStats,
+    x: jax.Array,
+    *,
+    train: bool | jax.Array,
+    mask: ArrayLike | None = None,
+    weights: ArrayLike | None = None,
+    scale: ArrayLike | None = None,
+    offset: ArrayLike | None = None,
+) -> tuple[jax.Array, BatchStats]:
+    """``Layer.apply``: normalizes x; returns ``(y, batch_stats)``.
+
+    See :func:`jaxbn.batch_norm` for the arguments, the maths and the errors.
+    """
+    return run(
+        config,
+        params,
+        batch_stats,
+        x,
+        train=train,
+        mask=mask,
+        weights=weights,
+        scale=scale,
+        offset=offset,
+        dtype=None,
+    )
+
+
+def run(
+    config: BatchNormConfig,
+    params: Params,
+    batch_stats: BatchStats,
+    x: jax.Array,
+    *,
+    train: bool | jax.Array,
+    mask: ArrayLike | None,
+    weights: ArrayLike | None,
+    scale: ArrayLike | None,
+    offset: ArrayLike | None,
+    dtype: Any,
+) -> tuple[jax.Array, BatchStats]:
+    """:func:`apply` with the output ``dtype`` given by the caller.
+
+    ``dtype=None`` is the configuration's, else x's. The adapters' entry point.
+    """
+    geo = config.geometry(x)
+    train = inputs.check_train(train)
+    inputs.check_mapping(
+        "params",
+        params,
+        config.params_spec(geo.feature_shape),
+        geo.axes,
+        config.axis,
+        False,
+    )
+    spec = config.stats_spec(geo.feature_shape, x.dtype)
+    inputs.check_mapping("batch_stats", batch_stats, spec, geo.axes, config.axis, True)
+    mask, affine = _call_inputs(config, geo, params, x, mask, weights, scale, offset)
+    if dtype is None:
+        dtype = x.dtype if config.dtype is None else config.dtype
+    _check_batch(config, geo, x, train)
+    branches = (
+        partial(_training, config, geo, affine, dtype),
+        partial(_evaluate, config, geo, affine, dtype),
+    )
+    operands = (x, mask, batch_stats)
+    if isinstance(train, bool):
+        y, stats = branches[0](operands) if train else branches[1](operands)
+    else:
+        y, stats = lax.cond(train, *branches, operands)
+    if config.zero_masked and mask is not None:
+        y = jnp.where(valid(mask), y, jnp.zeros((), y.dtype))
+    return y, stats
+
+
+def _call_inputs(
+    config: BatchNormConfig,
+    geo: Geometry,
+    params: Params,
+    x: jax.Array,
+    mask: Any,
+    weights: Any,
+    scale: Any,
+    offset: Any,
+) -> tuple[jax.Array | None, Affine]:
+    """Checks mask, weights, scale and offset; combines a mask with weights.
+
+    Returns:
+      The mask (boolean, or weights) of x's rank or None, and the ``Affine``.
+    """
+    shape = tuple(x.shape)
+    if mask is not None:
+        mask = inputs.check_mask(mask, shape)
+    if weights is not None:
+        w = inputs.check_weights(weights, shape, real_dtype(x.dtype))
+        # A mask is the 0/1 case of weights: the two combine.
+        mask = w if mask is None else jnp.where(mask, w, jnp.zeros((), w.dtype))
+    gamma = params["scale"].reshape(geo.kept) if config.scale else None
+    beta = params["bias"].reshape(geo.kept) if config.center else None
+    if scale is not None:
+        gamma = inputs.check_external("scale", scale, shape, config.scale)
+    if offset is not None:
+        beta = inputs.check_external("offset", offset, shape, config.center)
+    return mask, Affine(gamma, beta)
+
+
+def _check_batch(
+    config: BatchNormConfig, geo: Geometry, x: jax.Array, train: bool | jax.Array
+) -> None:
+    """Ghost batches must divide the batch; a batch variance needs two values."""
+    if config.virtual_batch_size is not None:
+        inputs.check_ghost_groups(tuple(x.shape), geo.axes, config.virtual_batch_size)
+    uses_batch = train is True or config.eval_uses_batch
+    if uses_batch and not config.allow_one_value:
+        devices = devices_in_axis(config.axis_name, config.axis_index_groups)
+        if config.virtual_batch_size is not None:
             devices = 1  # each ghost batch is normalized on its own device
-        if 0 < per_device * devices < 2:
-            raise ValueError(
-                f"train=True with x of shape {tuple(shape)}: each feature sees "
-                f"{per_device * devices} value(s) ({per_device} per device x "
-                f"{devices} device(s)), but a batch variance needs at least 2. "
-                "Train with a larger batch, use train=False to normalize with "
-                "the running statistics, or build the layer with "
-                "allow_one_value=True to normalize such a batch to the bias, as "
-                "flax.linen.BatchNorm does."
-            )
+        inputs.check_enough_values(
+            tuple(x.shape), geo.reduction_axes, devices, config.virtual_batch_size
+        )
 
-    return Layer(init=init, apply=apply)
+
+def _training(
+    config: BatchNormConfig,
+    geo: Geometry,
+    affine: Affine,
+    dtype: Any,
+    operands: tuple[jax.Array, Any, BatchStats],
+) -> tuple[jax.Array, BatchStats]:
+    """The training step on ``(x, mask, stats)``: the batch's statistics."""
+    x, mask, stats = operands
+    mean, var = stats["mean"].reshape(geo.kept), stats["var"].reshape(geo.kept)
+    running = Running(mean, var, _renorm_operands(config, stats, geo.kept, x.dtype))
+    options = StepOptions(
+        geo.reduction_axes,
+        config.epsilon,
+        config.axis_name,
+        config.axis_index_groups,
+        dtype,
+    )
+    k = config.virtual_batch_size
+    if k is not None:
+        y, moments = ghost_training(k, x, mask, *affine, running, options)
+    else:
+        y, m = training_step(x, mask, *affine, running, options)
+        moments = Moments(m.count, m.shift + m.offset, m.var)
+    flat = Moments(*(a.reshape(geo.feature_shape) for a in moments))
+    if config.frozen:  # bitwise unchanged, count included
+        return y, stats
+    return y, update_running_stats(stats, flat, config)
+
+
+def _evaluate(
+    config: BatchNormConfig,
+    geo: Geometry,
+    affine: Affine,
+    dtype: Any,
+    operands: tuple[jax.Array, Any, BatchStats],
+) -> tuple[jax.Array, BatchStats]:
+    """Evaluation on ``(x, mask, stats)``: the running statistics, unchanged."""
+    x, mask, stats = operands
+    if config.eval_uses_batch:  # normalize with the batch's statistics, no update
+        return _training(config, geo, affine, dtype, operands)[0], stats
+    mean = stats["mean"].reshape(geo.kept)
+    var = stats["var"].reshape(geo.kept)
+    x = sanitized(x, mask)
+    y = normalize(x, mean, var, *affine, config.epsilon, dtype)
+    return y, stats
+
+
+def _renorm_operands(
+    config: BatchNormConfig, stats: BatchStats, kept: tuple[int, ...], x_dtype: Any
+) -> RenormOperands | None:
+    """Renorm's operands shaped for x, or None without renorm."""
+    options = config.renorm_options
+    if options is None:
+        return None
+    inputs.check_real_for_renorm(x_dtype)
+    return RenormOperands(
+        stats["renorm_mean"].reshape(kept),
+        stats["renorm_std"].reshape(kept),
+        clip_bound("rmax", options.rmax, stats["count"]),
+        clip_bound("dmax", options.dmax, stats["count"]),
+    )

@@ -10,11 +10,41 @@ spread.
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 from ._statistics import mean_dtype
+
+
+class RenormOperands(NamedTuple):
+    """Batch renormalization's traced operands, shaped for x.
+
+    Attributes:
+      mean: the renorm moving average of the mean (``renorm_mean``).
+      std: the renorm moving average of the standard deviation (``renorm_std``).
+      rmax: the clip of r now, a float32 scalar.
+      dmax: the clip of d now, a float32 scalar.
+    """
+
+    mean: jax.Array
+    std: jax.Array
+    rmax: jax.Array
+    dmax: jax.Array
+
+
+def clip_bound(name: str, value: Any, count: jax.Array) -> jax.Array:
+    """``value``, or ``value(count)`` for a schedule, as a float32 scalar.
+
+    Raises:
+      ValueError: if a schedule does not return a scalar.
+    """
+    out = jnp.asarray(value(count) if callable(value) else value, jnp.float32)
+    if out.shape != ():
+        raise ValueError(f"{name}(count) must return a scalar, got shape {out.shape}.")
+    return out
 
 
 def normalize(
@@ -70,7 +100,7 @@ def renorm_correction(
     count: jax.Array,
     mean: jax.Array,
     var: jax.Array,
-    renorm: tuple[jax.Array, ...],
+    renorm: RenormOperands,
     epsilon: float,
 ) -> tuple[jax.Array, jax.Array]:
     """Batch renormalization's ``(r, d)`` (Ioffe, 2017), without gradient.
@@ -84,8 +114,7 @@ def renorm_correction(
       count: per-feature count of the batch.
       mean: the batch mean, same shape.
       var: the batch variance, same shape.
-      renorm: ``(renorm_mean, renorm_std, rmax, dmax)``, the first two shaped
-        like ``mean``, the last two scalars.
+      renorm: the :class:`RenormOperands`, mean and std shaped like ``mean``.
       epsilon: the layer's epsilon.
 
     Returns:
@@ -94,8 +123,8 @@ def renorm_correction(
     Examples:
       >>> import jax.numpy as jnp
       >>> one = jnp.ones((1, 1))
-      >>> r, d = renorm_correction(one, 3 * one, 16 * one,
-      ...     (one, one, jnp.float32(3.0), jnp.float32(1.0)), epsilon=0.0)
+      >>> operands = RenormOperands(one, one, jnp.float32(3.0), jnp.float32(1.0))
+      >>> r, d = renorm_correction(one, 3 * one, 16 * one, operands, epsilon=0.0)
       >>> float(r[0, 0]), float(d[0, 0])
       (3.0, 1.0)
     """

@@ -17,14 +17,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from ._describe import (
-    is_nnx_module,
-    iter_layers,
-    nnx_norm_layers,
-    path_name,
-    replace_layers,
-    stats_root,
-)
 from ._record import (
     core_moments_fn,
     linen_moments_fn,
@@ -32,6 +24,14 @@ from ._record import (
     nnx_moments_fn,
 )
 from ._statistics import Moments
+from ._trees import (
+    is_nnx_module,
+    iter_layers,
+    nnx_norm_layers,
+    path_name,
+    replace_layers,
+    stats_root,
+)
 
 Accumulator = dict[str, tuple[jax.Array, jax.Array, jax.Array]]  # count, mean, M2
 

@@ -15,8 +15,10 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from ._describe import Path, nnx_norm_layers, path_name
+from ._hyperparams import check_axis_spec
+from ._inputs import normalize_axes
 from ._statistics import Moments, batch_moments
+from ._trees import Path, nnx_norm_layers, path_name
 
 MomentsFn = Callable[[Any, Any], tuple[dict[str, list[Moments]], Any]]
 
@@ -34,14 +36,9 @@ def merge(acc: tuple, m: Moments, shape: tuple[int, ...]) -> tuple:
     return total, mean + delta * w, m2 + nb * vb + delta * delta * (n * w)
 
 
-def _feature_axes(axis: Any, ndim: int) -> tuple[int, ...]:
-    raw = (axis,) if isinstance(axis, int) else tuple(axis)
-    return tuple(sorted(a % ndim for a in raw))
-
-
 def moments_of_input(module: Any, x: Any, mask: Any) -> Moments:
     """The batch moments of a batch-norm layer's input x (feature shape)."""
-    axes = _feature_axes(module.axis, x.ndim)
+    axes = normalize_axes(check_axis_spec(module.axis), x.ndim, batch_elsewhere=True)
     reduce = tuple(i for i in range(x.ndim) if i not in axes)
     if mask is not None:
         mask = jnp.broadcast_to(mask, x.shape)

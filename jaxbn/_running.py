@@ -10,11 +10,30 @@ statistics.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from ._config import BatchNormConfig
 from ._statistics import Moments
+
+
+def decay_rule(count: Any, momentum: Any, warmup: bool, minimum: Callable) -> Any:
+    """The decay formula, once, for any number type (jax arrays or floats).
+
+    ``count`` is the number of updates so far as a float of that type and
+    ``momentum`` the final decay (None: the cumulative average); ``minimum``
+    is that type's ``min``. :func:`decay` calls it with float32 arrays, and
+    :func:`jaxbn.describe` with Python floats.
+    """
+    if momentum is None:
+        return count / (1.0 + count)
+    if not warmup:
+        return momentum
+    return minimum(momentum, (1.0 + count) / (10.0 + count))
 
 
 def decay(count: jax.Array, momentum: float | None, warmup: bool) -> jax.Array:
@@ -35,47 +54,40 @@ def decay(count: jax.Array, momentum: float | None, warmup: bool) -> jax.Array:
       >>> [round(float(decay(jnp.int32(c), None, False)), 3) for c in (0, 1, 3)]
       [0.0, 0.5, 0.75]
     """
-    if momentum is None:
-        c = count.astype(jnp.float32)
-        return c / (1.0 + c)
-    final = jnp.float32(momentum)
-    if not warmup:
-        return final
+    final = None if momentum is None else jnp.float32(momentum)
+    if final is not None and not warmup:
+        return final  # pyright: ignore[reportReturnType]
     c = count.astype(jnp.float32)
-    return jnp.minimum(final, (1.0 + c) / (10.0 + c))
+    return decay_rule(c, final, warmup, jnp.minimum)
 
 
 def update_running_stats(
-    batch_stats: dict[str, jax.Array],
-    moments: Moments,
-    momentum: float | None,
-    warmup: bool,
-    unbiased: bool = False,
-    renorm: tuple[float, float] | None = None,
+    batch_stats: dict[str, jax.Array], moments: Moments, config: BatchNormConfig
 ) -> dict[str, jax.Array]:
     """Returns ``batch_stats`` moved towards ``moments`` (no gradient flows).
+
+    The decay is :func:`decay` of the layer's ``momentum`` and ``warmup``. With
+    ``running_var="unbiased"`` the variance stored is ``n / (n - 1)`` times the
+    batch's (n: the count of values, or the sum of weights; n <= 1 keeps the
+    biased variance). With ``renorm``, ``renorm_mean`` and ``renorm_std`` move
+    towards the batch's mean and ``sqrt(var + epsilon)`` with the constant
+    decay ``renorm_momentum``.
 
     Args:
       batch_stats: ``{"mean", "var", "count"}`` as made by ``init``.
       moments: the batch's ``Moments``, already reshaped to the feature shape.
-      momentum: the final decay (None: the cumulative average).
-      warmup: whether the decay warms up.
-      unbiased: store ``n / (n - 1)`` times the batch variance (n: the count
-        of values, or the sum of weights; n <= 1 keeps the biased variance).
-      renorm: ``(renorm_momentum, epsilon)`` for batch renormalization:
-        ``renorm_mean`` and ``renorm_std`` move towards the batch's mean and
-        ``sqrt(var + epsilon)`` with the constant decay ``renorm_momentum``.
+      config: the layer's configuration.
 
     Returns:
       The new ``batch_stats``.
     """
     count, mean, var = (lax.stop_gradient(m) for m in moments)
     biased = var
-    if unbiased:
+    if config.unbiased:
         var = var * jnp.where(count > 1.0, count / jnp.maximum(count - 1.0, 1.0), 1.0)
     finite = jnp.all(jnp.isfinite(mean)) & jnp.all(jnp.isfinite(var))
     accept = finite & jnp.any(count > 0)
-    d = decay(batch_stats["count"], momentum, warmup)
+    d = decay(batch_stats["count"], config.momentum, bool(config.warmup))
     # 1 where the feature moves, 0 where it keeps its value. Arithmetic rather
     # than ``where`` keeps the running statistics' sharding (a mesh with
     # Explicit axes refuses a select between differently sharded operands).
@@ -97,10 +109,9 @@ def update_running_stats(
         "var": moved(batch_stats["var"], var),
         "count": batch_stats["count"] + accept.astype(jnp.int32),
     }
-    if renorm is not None:
-        renorm_momentum, epsilon = renorm
-        rd = jnp.float32(renorm_momentum)
-        std = jnp.sqrt(biased + jnp.asarray(epsilon, biased.dtype))
+    if config.renorm_options is not None:
+        rd = jnp.float32(config.renorm_options.momentum)
+        std = jnp.sqrt(biased + jnp.asarray(config.epsilon, biased.dtype))
         new_stats["renorm_mean"] = moved(batch_stats["renorm_mean"], mean, rd)
         new_stats["renorm_std"] = moved(batch_stats["renorm_std"], std, rd)
     return new_stats

@@ -40,7 +40,8 @@ import numpy as np
 from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
-from ._fusion import shifted_pair
+from ._hyperparams import canonical_groups
+from ._xla_cpu import shifted_pair
 
 AxisName = Hashable | tuple[Hashable, ...]
 
@@ -159,6 +160,16 @@ def weigh(a: jax.Array, mask: jax.Array) -> jax.Array:
 def valid(mask: jax.Array) -> jax.Array:
     """The entries a boolean mask or weights count (True, or weight > 0)."""
     return mask if mask.dtype == jnp.bool_ else mask > 0
+
+
+def sanitized(x: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """X with each masked non-finite entry read as 0 (padding may hold NaN).
+
+    So such an entry reaches neither the statistics nor any gradient.
+    """
+    if mask is None:
+        return x
+    return jnp.where(valid(mask) | jnp.isfinite(x), x, jnp.zeros((), x.dtype))
 
 
 def _count(x: jax.Array, mask: jax.Array | None, axes: tuple[int, ...]) -> jax.Array:
@@ -285,9 +296,7 @@ def shifted_moments(
       exact derivatives of the mean and variance; count and shift carry none.
     """
     axes = tuple(sorted(int(a) for a in reduction_axes))
-    groups = None
-    if axis_index_groups is not None:
-        groups = tuple(tuple(int(i) for i in g) for g in axis_index_groups)
+    groups = canonical_groups(axis_index_groups)
     kept = _kept_shape(x.shape, axes)
     start = jnp.zeros(kept, mean_dtype(x.dtype))
     if shift is not None:

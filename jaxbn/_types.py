@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
+
+if TYPE_CHECKING:
+    from ._config import BatchNormConfig
 
 Params = dict[str, jax.Array]
 BatchStats = dict[str, jax.Array]
@@ -23,7 +26,11 @@ class InitFn(Protocol):
 
 
 class ApplyFn(Protocol):
-    """``apply(params, batch_stats, x, *, train, mask=None) -> (y, batch_stats)``."""
+    """``apply(params, batch_stats, x, *, train, mask, weights, scale, offset)``.
+
+    Returns ``(y, batch_stats)``; ``mask``, ``weights``, ``scale`` and
+    ``offset`` default to None (see :func:`jaxbn.batch_norm`).
+    """
 
     def __call__(
         self,
@@ -45,12 +52,29 @@ class Layer(NamedTuple):
     Attributes:
       init: ``init(x, *, key=None) -> (params, batch_stats)``; reads only
         ``x.shape`` and ``x.dtype``.
-      apply: ``apply(params, batch_stats, x, *, train, mask=None) -> (y,
-        batch_stats)``; always returns the (possibly unchanged) statistics.
+      apply: ``apply(params, batch_stats, x, *, train, mask=None, weights=None,
+        scale=None, offset=None) -> (y, batch_stats)``; always returns the
+        (possibly unchanged) statistics.
     """
 
     init: InitFn
     apply: ApplyFn
+
+    @property
+    def config(self) -> BatchNormConfig:
+        """The layer's checked options, a :class:`jaxbn.BatchNormConfig`.
+
+        Raises:
+          AttributeError: for a ``Layer`` not built by :func:`jaxbn.batch_norm`.
+        """
+        from ._config import BatchNormConfig
+
+        bound = getattr(self.apply, "args", ())
+        if bound and isinstance(bound[0], BatchNormConfig):
+            return bound[0]
+        raise AttributeError(
+            "this Layer was not built by jaxbn.batch_norm, so it has no config."
+        )
 
 
 def _ones(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:

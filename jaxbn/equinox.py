@@ -22,11 +22,21 @@ except ImportError as e:  # pragma: no cover - depends on the environment
         "jaxbn.equinox needs equinox: pip install equinox (or jaxbn[interop])."
     ) from e
 
-from . import _flax_compat as compat
-from . import _validation as v
-from ._layer import Layer, batch_norm
+from . import _pipeline as pipeline
+from ._config import BatchNormConfig
+from ._hyperparams import check_float_dtype
+from ._inputs import check_x
+from ._layer import initial_stats
 
 __all__ = ["BatchNorm"]
+
+_EMA = (
+    "mode='ema' normalizes training batches with a running average, "
+    "which jaxbn does not do: jaxbn.equinox.BatchNorm always trains "
+    "with the batch's statistics (Equinox's mode='batch') and "
+    "evaluates with the running ones. Drop mode= or pass "
+    "mode='batch'."
+)
 
 
 class BatchNorm(eqx.nn.StatefulLayer):
@@ -65,6 +75,10 @@ class BatchNorm(eqx.nn.StatefulLayer):
       mode: ``"batch"``; accepted for Equinox's signature. ``"ema"``
         (normalizing training batches with a running average) is refused.
       warmup: whether the running-average decay warms up (jaxbn's default).
+      running_var, renorm, rmax, dmax, renorm_momentum, virtual_batch_size,
+        eval_mode, zero_masked: the core's training-time variants, see
+        :func:`jaxbn.batch_norm` (renorm adds ``renorm_mean`` and
+        ``renorm_std`` to the state's statistics).
 
     Raises:
       ValueError, TypeError: for invalid hyperparameters, when constructed.
@@ -100,6 +114,15 @@ class BatchNorm(eqx.nn.StatefulLayer):
     channelwise_affine: bool = eqx.field(static=True)
     momentum: float = eqx.field(static=True)
     warmup: bool = eqx.field(static=True)
+    running_var: str = eqx.field(static=True)
+    renorm: bool = eqx.field(static=True)
+    rmax: Any = eqx.field(static=True)
+    dmax: Any = eqx.field(static=True)
+    renorm_momentum: float | None = eqx.field(static=True)
+    virtual_batch_size: int | None = eqx.field(static=True)
+    eval_mode: str = eqx.field(static=True)
+    zero_masked: bool = eqx.field(static=True)
+    config: BatchNormConfig = eqx.field(static=True)
 
     def __init__(
         self,
@@ -113,54 +136,57 @@ class BatchNorm(eqx.nn.StatefulLayer):
         mode: str = "batch",
         *,
         warmup: bool = True,
+        running_var: str = "biased",
+        renorm: bool = False,
+        rmax: Any = None,
+        dmax: Any = None,
+        renorm_momentum: float | None = None,
+        virtual_batch_size: int | None = None,
+        eval_mode: str = "running",
+        zero_masked: bool = False,
     ):
         if isinstance(input_size, bool) or not isinstance(input_size, int):
             raise TypeError(f"input_size must be an int, got {input_size!r}.")
         if input_size < 1:
             raise ValueError(f"input_size={input_size} must be at least 1.")
         if mode == "ema":
-            raise ValueError(
-                "mode='ema' normalizes training batches with a running average, "
-                "which jaxbn does not do: jaxbn.equinox.BatchNorm always trains "
-                "with the batch's statistics (Equinox's mode='batch') and "
-                "evaluates with the running ones. Drop mode= or pass "
-                "mode='batch'."
-            )
+            raise ValueError(_EMA)
         if mode not in ("batch", "legacy"):
             raise ValueError(f"mode={mode!r} is not valid; use mode='batch'.")
-        dtype = v.check_float_dtype("dtype", dtype, allow_none=True)
+        dtype = check_float_dtype("dtype", dtype, allow_none=True)
         dtype = jnp.float32 if dtype is None else dtype
-        if isinstance(axis_name, list):
-            axis_name = tuple(axis_name)
-        self.input_size = input_size
-        self.axis_name = axis_name
-        self.eps = eps
-        self.channelwise_affine = bool(channelwise_affine)
-        self.momentum = momentum
-        self.warmup = bool(warmup)
+        self.input_size, self.eps, self.momentum = input_size, eps, momentum
+        self.axis_name = tuple(axis_name) if isinstance(axis_name, list) else axis_name
+        self.channelwise_affine, self.warmup = bool(channelwise_affine), bool(warmup)
         self.inference = inference
-        if self.channelwise_affine:
-            self.weight = jnp.ones((input_size,), dtype)  # shape=(input_size,)
-            self.bias = jnp.zeros((input_size,), dtype)  # shape=(input_size,)
-        else:
-            self.weight = None
-            self.bias = None
-        stats = compat.initial_stats((input_size,))  # mean, var f32; count int32
-        self.state_index = eqx.nn.StateIndex(stats)
-        self._layer(dtype, dtype)  # checks the hyperparameters now
-
-    def _layer(self, out_dtype: Any, param_dtype: Any) -> Layer:
-        return batch_norm(
+        self.running_var, self.renorm, self.rmax, self.dmax = (
+            running_var,
+            renorm,
+            rmax,
+            dmax,
+        )
+        self.renorm_momentum, self.virtual_batch_size = (
+            renorm_momentum,
+            virtual_batch_size,
+        )
+        self.eval_mode, self.zero_masked = eval_mode, zero_masked
+        self.config = pipeline.adapter_config(  # checks the hyperparameters now
             axis=0 if self.axis_name is not None else 1,
-            momentum=self.momentum,
-            epsilon=self.eps,
+            momentum=momentum,
+            epsilon=eps,
             center=self.channelwise_affine,
             scale=self.channelwise_affine,
             warmup=self.warmup,
             axis_name=self.axis_name,
-            dtype=out_dtype,
-            param_dtype=param_dtype,
+            param_dtype=dtype,
+            allow_one_value=False,
+            variants=self,
         )
+        affine = self.channelwise_affine
+        self.weight = jnp.ones((input_size,), dtype) if affine else None
+        self.bias = jnp.zeros((input_size,), dtype) if affine else None
+        stats = initial_stats(self.config, (input_size,), jnp.float32)
+        self.state_index = eqx.nn.StateIndex(stats)  # mean, var f32; count int32
 
     def __call__(
         self,
@@ -169,6 +195,10 @@ class BatchNorm(eqx.nn.StatefulLayer):
         *,
         key: jax.Array | None = None,
         inference: bool | jax.Array | None = None,
+        mask: jax.Array | None = None,
+        weights: jax.Array | None = None,
+        scale: jax.Array | None = None,
+        offset: jax.Array | None = None,
     ) -> tuple[jax.Array, eqx.nn.State]:
         """Normalizes ``x``; in training also updates the statistics in ``state``.
 
@@ -179,6 +209,11 @@ class BatchNorm(eqx.nn.StatefulLayer):
           key: ignored (Equinox's signature).
           inference: overrides ``self.inference`` for this call; a Python bool or
             a scalar boolean array (one compiled function for both modes).
+          mask: optional boolean array broadcastable to x; the statistics use
+            only its True entries.
+          weights: optional per-example weights broadcastable to x.
+          scale: optional call-time scale (with ``channelwise_affine=False``).
+          offset: optional call-time offset (with ``channelwise_affine=False``).
 
         Returns:
           ``(y, state)``: y has x's shape and the promotion of x's and the
@@ -191,34 +226,45 @@ class BatchNorm(eqx.nn.StatefulLayer):
           TypeError: for a non-floating x or a non-boolean ``inference``.
         """
         del key
-        if inference is None:
-            inference = self.inference
-        train = compat.train_flag(inference)
-        channel = 0 if self.axis_name is not None else 1
-        if channel == 1 and len(x.shape) < 2:
-            raise ValueError(
-                f"x of shape {tuple(x.shape)} has no batch axis: with "
-                "axis_name=None jaxbn.equinox.BatchNorm takes a batch of shape "
-                "(batch, input_size, ...). For one example per call, build it "
-                "with axis_name='batch' and call it under jax.vmap(..., "
-                "axis_name='batch')."
-            )
-        v.check_x(x)
-        if len(x.shape) <= channel or x.shape[channel] != self.input_size:
-            layout = "(input_size, ...)" if channel == 0 else "(batch, input_size, ...)"
-            raise ValueError(
-                f"x of shape {tuple(x.shape)} should be {layout} with "
-                f"input_size={self.input_size} on axis {channel}; build the layer "
-                "with the number of channels of x."
-            )
+        evaluating = self.inference if inference is None else inference
+        train = pipeline.train_flag(evaluating)
+        _check_layout(self, x)
         params = {}
-        param_dtype = jnp.float32
         if self.weight is not None and self.bias is not None:
             params = {"scale": self.weight, "bias": self.bias}
-            param_dtype = self.weight.dtype
-        layer = self._layer(jnp.result_type(x.dtype, param_dtype), param_dtype)
         stats = state.get(self.state_index)
-        y, stats = layer.apply(params, stats, x, train=train)
+        current = pipeline.AdapterStats(
+            stats["mean"],
+            stats["var"],
+            stats["count"],
+            stats.get("renorm_mean"),
+            stats.get("renorm_std"),
+        )
+        dtype = jnp.result_type(x.dtype, self.config.param_dtype)
+        call = pipeline.CallArgs(mask, weights, scale, offset)
+        y, new = pipeline.normalize(self.config, x, train, params, current, call, dtype)
         if train is not False:
-            state = state.set(self.state_index, stats)
+            updated = {k: v for k, v in new._asdict().items() if v is not None}
+            state = state.set(self.state_index, updated)
         return y, state
+
+
+def _check_layout(module: BatchNorm, x: Any) -> None:
+    """X must be ``(input_size, ...)`` per example, or a batch of those."""
+    channel = 0 if module.axis_name is not None else 1
+    if channel == 1 and len(getattr(x, "shape", ())) < 2:
+        raise ValueError(
+            f"x of shape {tuple(getattr(x, 'shape', ()))} has no batch axis: with "
+            "axis_name=None jaxbn.equinox.BatchNorm takes a batch of shape "
+            "(batch, input_size, ...). For one example per call, build it "
+            "with axis_name='batch' and call it under jax.vmap(..., "
+            "axis_name='batch')."
+        )
+    check_x(x)
+    if len(x.shape) <= channel or x.shape[channel] != module.input_size:
+        layout = "(input_size, ...)" if channel == 0 else "(batch, input_size, ...)"
+        raise ValueError(
+            f"x of shape {tuple(x.shape)} should be {layout} with "
+            f"input_size={module.input_size} on axis {channel}; build the layer "
+            "with the number of channels of x."
+        )

@@ -10,6 +10,7 @@ the same ``model.apply(variables, x, mutable=['batch_stats'])``. The maths is
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from functools import cached_property
 from typing import Any
 
 import flax.linen as nn
@@ -17,10 +18,21 @@ import jax
 import jax.numpy as jnp
 from flax.linen import initializers
 
-from . import _flax_compat as compat
-from ._flax_compat import CONVERGED_COUNT as CONVERGED_COUNT
+from . import _pipeline as pipeline
+from ._config import BatchNormConfig
+from ._converged import CONVERGED_COUNT as CONVERGED_COUNT
+from ._converged import COUNT_DTYPE, check_count, converged
 
 __all__ = ["CONVERGED_COUNT", "BatchNorm", "from_flax_variables"]
+
+_NOT_MUTABLE = (
+    "jaxbn.linen.BatchNorm is training (use_running_average=False) but "
+    "the 'batch_stats' collection is not mutable, so its running "
+    "statistics cannot be updated. Pass it as mutable and keep the "
+    "update: y, updates = model.apply(variables, x, "
+    "mutable=['batch_stats']), then variables = {**variables, "
+    "**updates}. For evaluation pass use_running_average=True instead."
+)
 
 
 class BatchNorm(nn.Module):
@@ -165,24 +177,16 @@ class BatchNorm(nn.Module):
         use_running_average = nn.merge_param(
             "use_running_average", self.use_running_average, use_running_average
         )
-        train = compat.train_flag(use_running_average)
-        x = compat.as_inexact(x)
-        features = compat.feature_shape(x, self.axis)
+        train = pipeline.train_flag(use_running_average)
+        x = pipeline.as_inexact(x)
         initializing = self.is_initializing()
-        if (
-            not initializing
-            and train is not False
-            and not self.is_mutable_collection("batch_stats")
-        ):
-            raise ValueError(
-                "jaxbn.linen.BatchNorm is training (use_running_average=False) but "
-                "the 'batch_stats' collection is not mutable, so its running "
-                "statistics cannot be updated. Pass it as mutable and keep the "
-                "update: y, updates = model.apply(variables, x, "
-                "mutable=['batch_stats']), then variables = {**variables, "
-                "**updates}. For evaluation pass use_running_average=True instead."
-            )
-
+        mutable = self.is_mutable_collection("batch_stats")
+        if not initializing and train is not False and not mutable:
+            raise ValueError(_NOT_MUTABLE)
+        # Like Flax, init normalizes with the batch's statistics when training
+        # (alone, without axis_name) and records nothing.
+        config = self.local_config if initializing else self.config
+        features = config.geometry(x).feature_shape
         params: dict[str, jax.Array] = {}
         if self.use_scale:
             params["scale"] = self.param(
@@ -192,71 +196,85 @@ class BatchNorm(nn.Module):
             params["bias"] = self.param(
                 "bias", self.bias_init, features, self.param_dtype
             )
-
-        def initial(name: str) -> jax.Array:
-            return compat.initial_stats(features)[name]
-
-        # Statistics saved by flax.linen.BatchNorm have no count.
-        from_flax = self.has_variable("batch_stats", "mean") and not self.has_variable(
-            "batch_stats", "count"
-        )
-        mean = self.variable("batch_stats", "mean", initial, "mean")
-        var = self.variable("batch_stats", "var", initial, "var")
-        count, count_value = _count_variable(self, from_flax)
-        stats = compat.core_stats(mean.value, var.value, count_value, x.dtype)
-        renormed = []
-        if self.renorm:  # batch renormalization's moving averages
-            for name, start in (("renorm_mean", "mean"), ("renorm_std", "var")):
-                variable = self.variable("batch_stats", name, initial, start)
-                renormed.append((name, variable))
-                stats[name] = variable.value
-
+        variables = _stats_variables(self, features)
+        values: dict[str, Any] = {
+            k: v if isinstance(v, int) else v.value for k, v in variables.items()
+        }
         out_dtype = self.dtype
         if out_dtype is None:  # Flax's promotion of x with the params
             out_dtype = jnp.result_type(x, *params.values())
-        layer = compat.core_layer(self, out_dtype, initializing=initializing)
-        # Like Flax, init normalizes with the batch's statistics when training
-        # (alone, without axis_name) and records nothing.
-        y, stats = layer.apply(
-            params,
-            stats,
-            x,
-            train=train,
-            mask=mask,
-            weights=weights,
-            scale=scale,
-            offset=offset,
-        )
-        y = compat.cast_output(y, out_dtype)
+        call = pipeline.CallArgs(mask, weights, scale, offset)
+        stats = pipeline.AdapterStats(**values)
+        y, new = pipeline.normalize(config, x, train, params, stats, call, out_dtype)
         if train is not False and not initializing:
-            mean.value, var.value = stats["mean"], stats["var"]
-            for name, variable in renormed:
-                variable.value = stats[name]
-            if count is not None:
-                count.value = compat.stored_count(stats["count"])
+            for name, variable in variables.items():
+                if not isinstance(variable, int):
+                    variable.value = getattr(new, name)
         return y
 
+    @cached_property
+    def config(self) -> BatchNormConfig:
+        """The checked configuration of this module's fields (built once)."""
+        return pipeline.adapter_config(
+            axis=self.axis,
+            momentum=self.momentum,
+            epsilon=self.epsilon,
+            center=self.use_bias,
+            scale=self.use_scale,
+            warmup=self.warmup,
+            axis_name=self.axis_name,
+            axis_index_groups=self.axis_index_groups,
+            param_dtype=self.param_dtype,
+            variants=self,
+        )
 
-def _count_variable(module: BatchNorm, from_flax: bool) -> tuple[Any, Any]:
-    """The ``count`` variable of ``module`` (or None) and the count for the core.
+    @cached_property
+    def local_config(self) -> BatchNormConfig:
+        """The configuration without ``axis_name``, which ``init`` uses."""
+        return pipeline.local(self.config)
 
-    With ``warmup=False`` there is no count: the variables are Flax's.
-    Statistics saved by ``flax.linen.BatchNorm`` have no count: they are
-    treated as converged, and the count is created once the collection is
-    mutable. (A function, not a method: Flax's summaries list every method
-    call of a module.)
+
+def _stats_variables(module: BatchNorm, features: tuple[int, ...]) -> dict[str, Any]:
+    """The module's ``batch_stats`` variables by name, created if needed.
+
+    ``count`` is a Python int where the module keeps none (see
+    :func:`_count_variable`). (A function, not a method: Flax's summaries list
+    every method call of a module.)
     """
-    if not compat.keeps_count(module.warmup, module.momentum, module.renorm):
-        return None, 0
+    # Statistics saved by flax.linen.BatchNorm have no count.
+    from_flax = module.has_variable("batch_stats", "mean") and not module.has_variable(
+        "batch_stats", "count"
+    )
+    f32 = jnp.float32
+    found: dict[str, Any] = {
+        "mean": module.variable("batch_stats", "mean", jnp.zeros, features, f32),
+        "var": module.variable("batch_stats", "var", jnp.ones, features, f32),
+        "count": _count_variable(module, from_flax),
+    }
+    if module.renorm:  # batch renormalization's moving averages
+        for name, start in (("renorm_mean", jnp.zeros), ("renorm_std", jnp.ones)):
+            found[name] = module.variable("batch_stats", name, start, features, f32)
+    return found
+
+
+def _count_variable(module: BatchNorm, from_flax: bool) -> Any:
+    """The ``count`` variable of ``module``, or the count (an int) if it has none.
+
+    Without warm-up, cumulative average or renorm there is no count: the
+    variables are Flax's. Statistics saved by ``flax.linen.BatchNorm`` have no
+    count: they are treated as converged, and the count is created once the
+    collection is mutable.
+    """
+    if not module.config.keeps_count:
+        return 0
     first = CONVERGED_COUNT if from_flax else 0
     if from_flax and not module.is_mutable_collection("batch_stats"):
-        return None, first
-    count = module.variable(
+        return first
+    return module.variable(
         "batch_stats",
         "count",
-        lambda: jnp.asarray(first, compat.COUNT_DTYPE),  # shape=(), float32
+        lambda: jnp.asarray(first, COUNT_DTYPE),  # shape=(), float32
     )
-    return count, count.value
 
 
 def from_flax_variables(
@@ -300,7 +318,7 @@ def from_flax_variables(
       >>> model.apply(variables, x).shape
       (4, 3)
     """
-    count = compat.check_count(count)
+    count = check_count(count)
     if "batch_stats" not in variables:
         raise ValueError(
             f"variables has collections {sorted(variables)} but no 'batch_stats'; "
@@ -308,5 +326,5 @@ def from_flax_variables(
             "model.init or restored from its checkpoint."
         )
     out = dict(variables)
-    out["batch_stats"] = compat.converged(variables["batch_stats"], count)
+    out["batch_stats"] = converged(variables["batch_stats"], count)
     return out

@@ -19,8 +19,10 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.nnx.nn import dtypes, initializers
 
-from . import _flax_compat as compat
-from ._flax_compat import CONVERGED_COUNT as CONVERGED_COUNT
+from . import _pipeline as pipeline
+from ._config import BatchNormConfig
+from ._converged import CONVERGED_COUNT as CONVERGED_COUNT
+from ._converged import COUNT_DTYPE, check_count
 
 __all__ = ["CONVERGED_COUNT", "BatchNorm", "mark_converged"]
 
@@ -114,6 +116,14 @@ class BatchNorm(nnx.Module):
       Array(1., dtype=float32)
     """
 
+    mean: nnx.BatchStat[jax.Array]
+    var: nnx.BatchStat[jax.Array]
+    count: nnx.BatchStat[jax.Array]  # only when the configuration keeps one
+    renorm_mean: nnx.BatchStat[jax.Array]  # only with renorm=True
+    renorm_std: nnx.BatchStat[jax.Array]
+    scale: nnx.Param[jax.Array] | None
+    bias: nnx.Param[jax.Array] | None
+
     def __init__(
         self,
         num_features: int,
@@ -145,57 +155,33 @@ class BatchNorm(nnx.Module):
         eval_mode: str = "running",
         zero_masked: bool = False,
     ):
-        feature_shape = (num_features,)
-        stats = compat.initial_stats(feature_shape)
-        self.mean = nnx.BatchStat(stats["mean"])  # shape=(num_features,), f32
-        self.var = nnx.BatchStat(stats["var"])  # shape=(num_features,), f32
-        self.count: nnx.BatchStat[jax.Array]  # only with warmup=True (or below)
-        self.keeps_count = compat.keeps_count(warmup, momentum, renorm)
-        if self.keeps_count:  # with warmup=False the variables are Flax's
-            # shape=(), float32: updates so far (float, so grad never sees an int)
-            self.count = nnx.BatchStat(jnp.zeros((), compat.COUNT_DTYPE))
-
-        self.scale: nnx.Param[jax.Array] | None
-        if use_scale:
-            key = rngs.params()
-            self.scale = nnx.Param(
-                scale_init(key, feature_shape, param_dtype), **scale_metadata
-            )
-        else:
-            self.scale = nnx.data(None)
-        self.bias: nnx.Param[jax.Array] | None
-        if use_bias:
-            key = rngs.params()
-            self.bias = nnx.Param(
-                bias_init(key, feature_shape, param_dtype), **bias_metadata
-            )
-        else:
-            self.bias = nnx.data(None)
-
-        self.num_features = num_features
-        self.use_running_average = use_running_average
-        self.axis = axis
-        self.momentum = momentum
-        self.epsilon = epsilon
-        self.dtype = dtype
-        self.param_dtype = param_dtype
-        self.use_bias = use_bias
-        self.use_scale = use_scale
-        self.axis_name = axis_name
-        self.axis_index_groups = axis_index_groups
-        self.use_fast_variance = use_fast_variance
-        self.promote_dtype = promote_dtype
-        self.warmup = warmup
-        self.running_var, self.eval_mode = running_var, eval_mode
+        self.num_features, self.use_running_average = num_features, use_running_average
+        self.axis, self.momentum, self.epsilon = axis, momentum, epsilon
+        self.dtype, self.param_dtype = dtype, param_dtype
+        self.use_bias, self.use_scale = use_bias, use_scale
+        self.axis_name, self.axis_index_groups = axis_name, axis_index_groups
+        self.use_fast_variance, self.promote_dtype = use_fast_variance, promote_dtype
+        self.warmup, self.running_var, self.eval_mode = warmup, running_var, eval_mode
         self.renorm, self.rmax, self.dmax = renorm, rmax, dmax
         self.renorm_momentum = renorm_momentum
         self.virtual_batch_size, self.zero_masked = virtual_batch_size, zero_masked
-        self.renorm_mean: nnx.BatchStat[jax.Array]  # only with renorm=True
-        self.renorm_std: nnx.BatchStat[jax.Array]
-        if renorm:  # shape=(num_features,), f32: renorm's moving averages
-            self.renorm_mean = nnx.BatchStat(stats["mean"])
-            self.renorm_std = nnx.BatchStat(stats["var"])
-        compat.core_layer(self, dtype)  # checks the hyperparameters now
+        # Checks the hyperparameters now, once.
+        self.config: BatchNormConfig = pipeline.adapter_config(
+            axis=axis,
+            momentum=momentum,
+            epsilon=epsilon,
+            center=use_bias,
+            scale=use_scale,
+            warmup=warmup,
+            axis_name=axis_name,
+            axis_index_groups=axis_index_groups,
+            param_dtype=param_dtype,
+            variants=self,
+        )
+        self.keeps_count = self.config.keeps_count
+        _make_variables(
+            self, rngs, scale_init, bias_init, scale_metadata, bias_metadata
+        )
 
     def __call__(
         self,
@@ -232,9 +218,9 @@ class BatchNorm(nnx.Module):
             use_running_average = self.use_running_average
         if use_running_average is None:
             raise ValueError(_NO_MODE)
-        train = compat.train_flag(use_running_average)
-        x = compat.as_inexact(x)
-        features = compat.feature_shape(x, self.axis)
+        train = pipeline.train_flag(use_running_average)
+        x = pipeline.as_inexact(x)
+        features = self.config.geometry(x).feature_shape
         if math.prod(features) != self.num_features:
             raise ValueError(
                 f"x of shape {tuple(x.shape)} has {math.prod(features)} features "
@@ -242,51 +228,27 @@ class BatchNorm(nnx.Module):
                 f"num_features={self.num_features}; build it with "
                 f"num_features={math.prod(features)} or check axis."
             )
-        learned_scale = None if self.scale is None else self.scale[...]
-        bias = None if self.bias is None else self.bias[...]
-        params = {}
-        if learned_scale is not None:
-            params["scale"] = learned_scale.reshape(features)
-        if bias is not None:
-            params["bias"] = bias.reshape(features)
-        stats = compat.core_stats(
-            self.mean[...].reshape(features),
-            self.var[...].reshape(features),
+        params = {
+            k: p[...] for k in ("scale", "bias") if (p := getattr(self, k)) is not None
+        }
+        stats = pipeline.AdapterStats(
+            self.mean[...],
+            self.var[...],
             self.count[...] if self.keeps_count else 0,
-            x.dtype,
+            self.renorm_mean[...] if self.renorm else None,
+            self.renorm_std[...] if self.renorm else None,
         )
-        if self.renorm:
-            stats["renorm_mean"] = self.renorm_mean[...].reshape(features)
-            stats["renorm_std"] = self.renorm_std[...].reshape(features)
-
-        def output_dtype(args: tuple) -> jax.Array:  # Flax's promotion
-            x, _, _, scale, bias = self.promote_dtype(args, dtype=self.dtype)
-            dtype = dtypes.canonicalize_dtype(x, scale, bias, dtype=self.dtype)
-            return jnp.zeros((), dtype)
-
-        out_dtype = jax.eval_shape(
-            output_dtype, (x, stats["mean"], stats["var"], learned_scale, bias)
-        ).dtype
-        layer = compat.core_layer(self, out_dtype)
-        y, stats = layer.apply(
-            params,
-            stats,
-            x,
-            train=train,
-            mask=mask,
-            weights=weights,
-            scale=scale,
-            offset=offset,
+        out_dtype = _output_dtype(self, x, stats, params)
+        call = pipeline.CallArgs(mask, weights, scale, offset)
+        y, new = pipeline.normalize(
+            self.config, x, train, params, stats, call, out_dtype
         )
-        y = compat.cast_output(y, out_dtype)
         if train is not False:
-            _store(self.mean, stats["mean"])
-            _store(self.var, stats["var"])
-            if self.renorm:
-                _store(self.renorm_mean, stats["renorm_mean"])
-                _store(self.renorm_std, stats["renorm_std"])
+            for name in ("mean", "var", "renorm_mean", "renorm_std"):
+                if getattr(new, name) is not None:
+                    _store(getattr(self, name), getattr(new, name))
             if self.keeps_count:
-                self.count[...] = compat.stored_count(stats["count"])
+                self.count[...] = new.count
         return y
 
     def set_view(self, use_running_average: bool | None = None) -> None:
@@ -297,6 +259,48 @@ class BatchNorm(nnx.Module):
         """
         if use_running_average is not None:
             self.use_running_average = use_running_average
+
+
+def _make_variables(
+    module: BatchNorm,
+    rngs: nnx.Rngs,
+    scale_init: Any,
+    bias_init: Any,
+    scale_metadata: Mapping[str, Any],
+    bias_metadata: Mapping[str, Any],
+) -> None:
+    """Creates the module's ``nnx.BatchStat`` and ``nnx.Param`` variables."""
+    features, f32 = (module.num_features,), jnp.float32
+    module.mean = nnx.BatchStat(jnp.zeros(features, f32))  # shape=(features,)
+    module.var = nnx.BatchStat(jnp.ones(features, f32))  # shape=(features,)
+    if module.keeps_count:  # without it the variables are Flax's
+        # shape=(), float32: updates so far (float, so grad never sees an int)
+        module.count = nnx.BatchStat(jnp.zeros((), COUNT_DTYPE))
+    if module.renorm:  # shape=(features,), f32: renorm's moving averages
+        module.renorm_mean = nnx.BatchStat(jnp.zeros(features, f32))
+        module.renorm_std = nnx.BatchStat(jnp.ones(features, f32))
+    module.scale = nnx.data(None)
+    if module.use_scale:
+        made = scale_init(rngs.params(), features, module.param_dtype)
+        module.scale = nnx.Param(made, **scale_metadata)
+    module.bias = nnx.data(None)
+    if module.use_bias:
+        made = bias_init(rngs.params(), features, module.param_dtype)
+        module.bias = nnx.Param(made, **bias_metadata)
+
+
+def _output_dtype(
+    module: BatchNorm, x: jax.Array, stats: pipeline.AdapterStats, params: dict
+) -> Any:
+    """Flax's promotion of ``(x, mean, var, scale, bias)``: the output dtype."""
+
+    def promoted(args: tuple) -> jax.Array:
+        x, _, _, scale, bias = module.promote_dtype(args, dtype=module.dtype)
+        dtype = dtypes.canonicalize_dtype(x, scale, bias, dtype=module.dtype)
+        return jnp.zeros((), dtype)
+
+    args = (x, stats.mean, stats.var, params.get("scale"), params.get("bias"))
+    return jax.eval_shape(promoted, args).dtype
 
 
 def _store(variable: nnx.BatchStat, value: jax.Array) -> None:
@@ -339,7 +343,7 @@ def mark_converged(module: nnx.Module, count: int = CONVERGED_COUNT) -> None:
       >>> bn.count[...]
       Array(1.0737418e+09, dtype=float32)
     """
-    count = compat.check_count(count)
+    count = check_count(count)
     for _, child in nnx.iter_modules(module):
         if isinstance(child, BatchNorm) and child.keeps_count:
-            child.count[...] = jnp.asarray(count, compat.COUNT_DTYPE)
+            child.count[...] = jnp.asarray(count, COUNT_DTYPE)

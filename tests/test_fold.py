@@ -241,9 +241,9 @@ def test_errors():
         jaxbn.fold(variables, [("bn", "bn")])
     with pytest.raises(ValueError, match="no 'batch_stats'"):
         jaxbn.fold({"params": variables["params"]}, [("layer", "bn")])
-    with pytest.raises(ValueError, match="epsilon must be in"):
+    with pytest.raises(ValueError, match="epsilon must be a positive finite"):
         jaxbn.fold(variables, [("layer", "bn")], epsilon=0.0)
-    with pytest.raises(TypeError, match="epsilon must be a float"):
+    with pytest.raises(TypeError, match="epsilon must be a positive Python float"):
         jaxbn.fold(variables, [("layer", "bn")], epsilon="1e-5")  # pyright: ignore[reportArgumentType]
     with pytest.raises(TypeError, match="linen variable dict or an nnx model"):
         jaxbn.fold([variables], [("layer", "bn")])

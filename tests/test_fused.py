@@ -1,4 +1,4 @@
-"""The fused training path (``jaxbn._fused``) against independent references.
+"""The training step (``jaxbn._training``) against independent references.
 
 References: autodiff of the plain two-pass formula in float32, NumPy float64
 finite differences, and the global computation for ``axis_name`` under
@@ -19,7 +19,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jaxbn
-from jaxbn._fused import fused_training
+from jaxbn._training import Running, StepOptions, training_step
 
 EPS = 1e-5
 
@@ -33,20 +33,16 @@ def fused(
 ):
     kept = kept_shape(x.shape, axes)
     fallback = jnp.zeros(kept, jnp.float32) if fallback is None else fallback
-    kw.setdefault("axis_name", None)
-    kw.setdefault("axis_index_groups", None)
-    return fused_training(
-        x,
-        mask,
-        scale,
-        bias,
-        fallback,
-        jnp.ones(kept, jnp.float32),
-        reduction_axes=axes,
+    groups = kw.get("axis_index_groups")
+    options = StepOptions(
+        reduction_axes=tuple(axes),
         epsilon=EPS,
+        axis_name=kw.get("axis_name"),
+        groups=None if groups is None else tuple(tuple(g) for g in groups),
         dtype=x.dtype if dtype is None else dtype,
-        **kw,
     )
+    running = Running(fallback, jnp.ones(kept, jnp.float32))
+    return training_step(x, mask, scale, bias, running, options)
 
 
 def reference(x, mask=None, scale=None, bias=None, *, axes, dtype=None):

@@ -1,11 +1,11 @@
-"""Each expression trick in ``jaxbn._fusion`` still saves a full-size pass.
+"""Each expression trick in ``jaxbn._xla_cpu`` still saves a full-size pass.
 
 A trick is compiled against the plain code it replaces, one shared value used
 twice (patched into the module that uses it, with JAX's caches cleared so the
 plain one is traced), and
 the full-size arrays the compiled training step writes are counted in its HLO.
 When an XLA upgrade makes the plain expression as cheap, the test fails: the
-trick has become dead weight and should go (see ``_fusion``'s docstring).
+trick has become dead weight and should go (see ``_xla_cpu``'s docstring).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import pytest
 
 import jaxbn
-from jaxbn import _fused, _statistics
+from jaxbn import _statistics, _training
 
 SHAPE = (256, 512)
 
@@ -51,7 +51,7 @@ def _full_size_writes(step: str) -> int:
     [
         (_statistics, "shifted_pair", lambda x, s: (x - s,) * 2, "forward"),
         (_statistics, "shifted_pair", lambda x, s: (x - s,) * 2, "gradient"),
-        (_fused, "centred_pair", lambda x, s, o: ((x - s) - o,) * 2, "gradient"),
+        (_training, "centred_pair", lambda x, s, o: ((x - s) - o,) * 2, "gradient"),
     ],
 )
 def test_trick_saves_a_full_size_write(monkeypatch, module, name, plain, step):

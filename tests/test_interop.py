@@ -244,8 +244,10 @@ def test_momentum_conversions():
     assert interop.momentum_from_torch(interop.torch_momentum(0.9)) == pytest.approx(
         0.9
     )
-    with pytest.raises(ValueError, match="cumulative moving average"):
-        interop.momentum_from_torch(None)
+    # PyTorch's momentum=None (cumulative average) is jaxbn's momentum=None:
+    # the layer built with it matches torch (test_variants' BatchNorm1d parity).
+    assert interop.momentum_from_torch(None) is None
+    jaxbn.batch_norm(momentum=interop.momentum_from_torch(None))
     with pytest.raises(ValueError, match=r"must be in \(0, 1\]"):
         interop.momentum_from_torch(0.0)
     with pytest.raises(ValueError, match=r"must be in \[0, 1\)"):

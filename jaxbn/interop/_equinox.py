@@ -14,9 +14,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ._convert_common import CONVERGED_COUNT, jaxbn_variables, split_jaxbn
+from ._common import CONVERGED_COUNT, LAYOUTS, jaxbn_variables, split_jaxbn
 
-_NAMES = ("weight", "bias", "mean", "var")
+_NAMES = LAYOUTS["equinox"]
 
 
 def _kind(module: Any) -> str:

@@ -1,4 +1,4 @@
-"""Expressions shaped for XLA:CPU's fusion choices: the one place for such tricks.
+"""The XLA:CPU expression choices: the one place for expressions shaped for its fusion.
 
 The maths elsewhere in jaxbn is written plainly and calls these helpers where
 the shape of an expression, not its value, matters to XLA:CPU. Each helper

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._convert_common import CONVERGED_COUNT, as_numpy, jaxbn_variables, split_jaxbn
+from ._common import CONVERGED_COUNT, Layout, as_numpy, jaxbn_variables, split_jaxbn
 
 _MEAN, _VAR = "/~/mean_ema", "/~/var_ema"
 
@@ -91,7 +91,7 @@ def from_haiku(
         mean,
         state[name + _VAR].get("average"),
         count,
-        (f"{name}/scale", f"{name}/offset", f"{name}{_MEAN}", f"{name}{_VAR}"),
+        Layout(f"{name}/scale", f"{name}/offset", f"{name}{_MEAN}", f"{name}{_VAR}"),
         feature_shape,
     )
 

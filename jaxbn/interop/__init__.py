@@ -21,7 +21,12 @@ taken as converged and jaxbn's warm-up is over, so fine-tuning continues with
 the plain decay ``momentum`` as the source framework would (``count=0``
 restarts the warm-up, replacing the statistics with those of the first
 batches). Momentum is the decay everywhere except in PyTorch, whose momentum is
-``1 - decay``: see :func:`torch_momentum` and :func:`momentum_from_torch`.
+``1 - decay``: see :func:`torch_momentum` and :func:`momentum_from_torch`
+(PyTorch's ``momentum=None``, the cumulative average, is jaxbn's too).
+
+One module per framework (``_torch``, ``_keras``, ``_haiku``, ``_equinox``,
+``_flax``), the shared reading and checks in ``_common``, where each
+framework whose layout is a renaming of keys is a row of ``LAYOUTS``.
 
 Examples:
   >>> import numpy as np, jax.numpy as jnp
@@ -37,19 +42,19 @@ Examples:
          [1., 1., 1.]], dtype=float32)
 """
 
-from ._convert_common import CONVERGED_COUNT as CONVERGED_COUNT
-from ._convert_equinox import from_equinox as from_equinox
-from ._convert_equinox import to_equinox as to_equinox
-from ._convert_flax import from_flax as from_flax
-from ._convert_flax import to_flax as to_flax
-from ._convert_haiku import from_haiku as from_haiku
-from ._convert_haiku import to_haiku as to_haiku
-from ._convert_keras import from_keras as from_keras
-from ._convert_keras import to_keras as to_keras
-from ._convert_torch import from_torch as from_torch
-from ._convert_torch import momentum_from_torch as momentum_from_torch
-from ._convert_torch import to_torch as to_torch
-from ._convert_torch import torch_momentum as torch_momentum
+from ._common import CONVERGED_COUNT as CONVERGED_COUNT
+from ._equinox import from_equinox as from_equinox
+from ._equinox import to_equinox as to_equinox
+from ._flax import from_flax as from_flax
+from ._flax import to_flax as to_flax
+from ._haiku import from_haiku as from_haiku
+from ._haiku import to_haiku as to_haiku
+from ._keras import from_keras as from_keras
+from ._keras import to_keras as to_keras
+from ._torch import from_torch as from_torch
+from ._torch import momentum_from_torch as momentum_from_torch
+from ._torch import to_torch as to_torch
+from ._torch import torch_momentum as torch_momentum
 
 __all__ = [
     "CONVERGED_COUNT",

@@ -7,14 +7,14 @@ and written as NumPy arrays (``torch.as_tensor`` turns them back).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, overload
 
 import jax
 import numpy as np
 
-from ._convert_common import CONVERGED_COUNT, jaxbn_variables, split_jaxbn
+from ._common import CONVERGED_COUNT, LAYOUTS, jaxbn_variables, split_jaxbn
 
-_KEYS = ("weight", "bias", "running_mean", "running_var")
+_TORCH = LAYOUTS["torch"]
 
 
 def from_torch(
@@ -73,7 +73,7 @@ def from_torch(
             f"state_dict must be a mapping such as module.state_dict(), got "
             f"{type(state_dict).__name__}."
         )
-    values = {k: state_dict.get(prefix + k) for k in _KEYS}
+    values = {k: state_dict.get(prefix + k) for k in _TORCH}
     for k in ("running_mean", "running_var"):
         if values[k] is None:
             raise ValueError(
@@ -89,14 +89,8 @@ def from_torch(
             "other affine parameter; a PyTorch batch norm has both (affine=True) "
             "or neither."
         )
-    names = tuple(prefix + k for k in _KEYS)
     return jaxbn_variables(
-        values["weight"],
-        values["bias"],
-        values["running_mean"],
-        values["running_var"],
-        count,
-        (names[0], names[1], names[2], names[3]),
+        *(values[k] for k in _TORCH), count=count, names=_TORCH.prefixed(prefix)
     )
 
 
@@ -142,14 +136,15 @@ def to_torch(
       (array([1., 1., 1.], dtype=float32), dtype('int64'))
     """
     scale, bias, mean, var, count = split_jaxbn(params, batch_stats)
+    names = _TORCH.prefixed(prefix)
     out: dict[str, np.ndarray] = {}
     if scale is not None or bias is not None:
         like = scale if scale is not None else bias
         assert like is not None
-        out[prefix + "weight"] = scale if scale is not None else np.ones_like(like)
-        out[prefix + "bias"] = bias if bias is not None else np.zeros_like(like)
-    out[prefix + "running_mean"] = mean
-    out[prefix + "running_var"] = var
+        out[names.scale] = scale if scale is not None else np.ones_like(like)
+        out[names.bias] = bias if bias is not None else np.zeros_like(like)
+    out[names.mean] = mean
+    out[names.var] = var
     out[prefix + "num_batches_tracked"] = np.asarray(count, np.int64)
     return out
 
@@ -179,29 +174,32 @@ def torch_momentum(momentum: float) -> float:
     return 1.0 - float(momentum)
 
 
-def momentum_from_torch(momentum: float | None) -> float:
+@overload
+def momentum_from_torch(momentum: float) -> float: ...
+@overload
+def momentum_from_torch(momentum: None) -> None: ...
+def momentum_from_torch(momentum: float | None) -> float | None:
     """Jaxbn's ``momentum`` (the decay) for a PyTorch ``momentum``.
 
     Args:
-      momentum: PyTorch's momentum, in ``(0, 1]``.
+      momentum: PyTorch's momentum, in ``(0, 1]``, or None: PyTorch's
+        cumulative moving average, which is jaxbn's ``momentum=None`` too.
 
     Returns:
-      ``1 - momentum``.
+      ``1 - momentum``, or None for None.
 
     Raises:
-      ValueError: for ``None`` (PyTorch's cumulative average, which has no
-        jaxbn equivalent) or a value outside ``(0, 1]``.
+      ValueError: for a value outside ``(0, 1]``.
 
     Examples:
       >>> from jaxbn import interop
       >>> round(interop.momentum_from_torch(0.01), 6)
       0.99
+      >>> print(interop.momentum_from_torch(None))  # the cumulative average
+      None
     """
     if momentum is None:
-        raise ValueError(
-            "momentum=None (PyTorch's cumulative moving average) has no jaxbn "
-            "equivalent; pick a float such as 0.1 for the PyTorch layer."
-        )
+        return None
     if not 0.0 < momentum <= 1.0:
         raise ValueError(
             f"momentum={momentum!r} must be in (0, 1] (PyTorch's weight of the "

@@ -1,23 +1,54 @@
-"""What the converters in :mod:`jaxbn.interop` share: reading and checking arrays.
+"""What the converters in :mod:`jaxbn.interop` share: layouts, reading, checks.
 
 Every converter reads plain arrays (NumPy, JAX, or another library's tensors
 through duck typing) and builds jaxbn's ``params = {"scale", "bias"}`` and
 ``batch_stats = {"mean", "var", "count"}``; no other library is imported here.
+Where a framework's layout is only a renaming of jaxbn's four arrays, it is a
+row of :data:`LAYOUTS`.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._flax_compat import CONVERGED_COUNT, check_count
+from .._converged import CONVERGED_COUNT, check_count
 
-__all__ = ["CONVERGED_COUNT", "as_numpy", "jaxbn_variables", "split_jaxbn"]
+__all__ = [
+    "CONVERGED_COUNT",
+    "LAYOUTS",
+    "Layout",
+    "as_numpy",
+    "jaxbn_variables",
+    "split_jaxbn",
+]
+
+
+class Layout(NamedTuple):
+    """A framework's names of jaxbn's scale, bias, running mean and variance."""
+
+    scale: str
+    bias: str
+    mean: str
+    var: str
+
+    def prefixed(self, prefix: str) -> Layout:
+        """The names with ``prefix`` in front (a layer's key in a whole model)."""
+        return Layout(*(prefix + name for name in self))
+
+
+LAYOUTS = {
+    "jaxbn": Layout("scale", "bias", "mean", "var"),
+    "flax": Layout("scale", "bias", "mean", "var"),
+    "torch": Layout("weight", "bias", "running_mean", "running_var"),
+    "keras": Layout("gamma", "beta", "moving_mean", "moving_variance"),
+    "equinox": Layout("weight", "bias", "mean", "var"),
+}
 
 
 def as_numpy(value: Any, name: str) -> np.ndarray:
@@ -69,7 +100,7 @@ def jaxbn_variables(
     mean: Any,
     var: Any,
     count: int,
-    names: tuple[str, str, str, str],
+    names: Layout,
     feature_shape: tuple[int, ...] | None = None,
 ) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
     """Checks four source arrays and builds jaxbn's ``(params, batch_stats)``.

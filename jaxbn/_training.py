@@ -1,4 +1,4 @@
-"""The training path: batch statistics, normalization, and what autodiff saves.
+"""The training step: batch statistics, normalization, and what autodiff saves.
 
 Batch norm is memory-bound, so its cost is the number of passes over x. Let S be
 the bytes of x. A training forward reads x three times and writes y once (4S of
@@ -19,43 +19,70 @@ it instead of storing full-size intermediates, and never re-runs the passes.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
-from ._fusion import centred_pair
-from ._normalize import corrected, normalize, renorm_correction
+from ._hyperparams import Groups
+from ._normalize import RenormOperands, corrected, normalize, renorm_correction
 from ._statistics import (
     SAVED,
     ShiftedMoments,
     psum_parts,
+    sanitized,
     shifted_moments,
-    valid,
     weigh,
 )
+from ._xla_cpu import centred_pair
 
 _SAVE_STATISTICS = jax.checkpoint_policies.save_only_these_names(SAVED)
 
 
-def fused_training(
+class StepOptions(NamedTuple):
+    """The static (hashable) settings of one training step.
+
+    Attributes:
+      reduction_axes: the batch axes.
+      epsilon: added to the variance.
+      axis_name: optional named axis (or tuple) to synchronize statistics over.
+      groups: optional groups of indices along ``axis_name``.
+      dtype: the output dtype.
+    """
+
+    reduction_axes: tuple[int, ...]
+    epsilon: float
+    axis_name: Hashable | None
+    groups: Groups | None
+    dtype: Any
+
+
+class Running(NamedTuple):
+    """The running statistics a training step reads, shaped for x (no gradient).
+
+    Attributes:
+      mean: the running mean: the shift around which the sums are taken (the
+        same on every device), and the mean of a feature with no valid value.
+      var: the running variance, for a feature with no valid value.
+      renorm: batch renormalization's operands, or None.
+    """
+
+    mean: jax.Array
+    var: jax.Array
+    renorm: RenormOperands | None = None
+
+
+def training_step(
     x: jax.Array,
     mask: jax.Array | None,
     scale: jax.Array | None,
     bias: jax.Array | None,
-    running_mean: jax.Array,
-    running_var: jax.Array,
-    *,
-    reduction_axes: tuple[int, ...],
-    epsilon: float,
-    axis_name: Hashable | None,
-    axis_index_groups: Sequence[Sequence[int]] | None,
-    dtype: Any,
-    renorm: tuple[jax.Array, ...] | None = None,
+    running: Running,
+    options: StepOptions,
 ) -> tuple[jax.Array, ShiftedMoments]:
     """Normalizes x with its batch statistics; returns ``(y, moments)``.
 
@@ -67,91 +94,69 @@ def fused_training(
       mask: optional boolean array of x's rank, broadcastable to x; statistics use
         its True entries only. Or non-negative per-entry weights (real, the
         statistics' dtype): weighted statistics, the count a sum of weights.
-      scale: optional scale, x's rank with size 1 along ``reduction_axes``.
+      scale: optional scale, x's rank with size 1 along the reduction axes.
       bias: optional bias, same shape as ``scale``.
-      running_mean: the running mean, same shape as ``scale``: the shift around
-        which the sums are taken (the same on every device).
-      running_var: the running variance, same shape as ``scale``.
-      reduction_axes: the batch axes.
-      epsilon: added to the variance.
-      axis_name: optional named axis (or tuple) to synchronize statistics over.
-      axis_index_groups: optional groups of indices along ``axis_name``.
-      dtype: the output dtype.
-      renorm: optional ``(renorm_mean, renorm_std, rmax, dmax)`` for batch
-        renormalization (see ``_normalize.renorm_correction``; no gradient).
+      running: the :class:`Running` statistics, shaped like ``scale``.
+      options: the :class:`StepOptions`.
 
     Returns:
-      ``y`` in ``dtype`` and the ``ShiftedMoments`` (no gradient) of the batch,
-      global when ``axis_name`` is given.
+      ``y`` in ``options.dtype`` and the ``ShiftedMoments`` (no gradient) of
+      the batch, global when ``options.axis_name`` is given.
 
     Examples:
       >>> import jax.numpy as jnp
       >>> x = jnp.array([[1.0, 10.0], [3.0, 30.0]])
-      >>> y, m = fused_training(x, None, None, None, jnp.zeros((1, 2)),
-      ...     jnp.ones((1, 2)), reduction_axes=(0,), epsilon=1e-5,
-      ...     axis_name=None, axis_index_groups=None, dtype=jnp.float32)
+      >>> running = Running(jnp.zeros((1, 2)), jnp.ones((1, 2)))
+      >>> options = StepOptions((0,), 1e-5, None, None, jnp.float32)
+      >>> y, m = training_step(x, None, None, None, running, options)
       >>> jnp.round(y, 4)
       Array([[-1., -1.],
              [ 1.,  1.]], dtype=float32)
       >>> m.shift + m.offset, m.var
       (Array([[ 2., 20.]], dtype=float32), Array([[  1., 100.]], dtype=float32))
     """
-    groups = None
-    if axis_index_groups is not None:
-        groups = tuple(tuple(int(i) for i in g) for g in axis_index_groups)
-    static = (tuple(reduction_axes), float(epsilon), axis_name, groups, dtype)
-    running = lax.stop_gradient((running_mean, running_var, *(renorm or ())))
+    running = lax.stop_gradient(running)
     if jnp.iscomplexobj(x):
         # jax.checkpoint's CSE barrier does not take complex values (jax
         # 0.10.2); complex input keeps autodiff's own residuals.
-        return _train(static, _sanitized(x, mask), mask, scale, bias, running)
-    return _checkpointed(static, x, mask, scale, bias, running)
+        return _train(options, sanitized(x, mask), mask, scale, bias, running)
+    return _checkpointed(options, x, mask, scale, bias, running)
 
 
 @partial(jax.checkpoint, policy=_SAVE_STATISTICS, static_argnums=(0,))
 def _checkpointed(
-    static: tuple,
+    static: StepOptions,
     x: jax.Array,
     mask: jax.Array | None,
     scale: jax.Array | None,
     bias: jax.Array | None,
-    running: tuple[jax.Array, ...],
+    running: Running,
 ) -> tuple[jax.Array, ShiftedMoments]:
-    return _train(static, _sanitized(x, mask), mask, scale, bias, running)
-
-
-def _sanitized(x: jax.Array, mask: jax.Array | None) -> jax.Array:
-    """Padding may hold NaN: a masked non-finite entry is read as 0.
-
-    So it reaches neither the statistics nor any gradient.
-    """
-    if mask is None:
-        return x
-    return jnp.where(valid(mask) | jnp.isfinite(x), x, jnp.zeros((), x.dtype))
+    return _train(static, sanitized(x, mask), mask, scale, bias, running)
 
 
 def _forward(
-    static: tuple,
+    static: StepOptions,
     x: jax.Array,
     mask: jax.Array | None,
     scale: jax.Array | None,
     bias: jax.Array | None,
-    running: tuple[jax.Array, ...],
+    running: Running,
 ) -> tuple[jax.Array, ShiftedMoments, jax.Array, Any]:
     """``(y, moments, variance used, renorm's (r, d) or None)``.
 
     All differentiable (no stop_gradient) but renorm's ``(r, d)``.
     """
     axes, epsilon, axis_name, groups, dtype = static
-    running_mean, running_var = running[:2]
-    m = shifted_moments(x, axes, mask, axis_name, groups, running_mean)
+    m = shifted_moments(x, axes, mask, axis_name, groups, running.mean)
     m = ShiftedMoments(*(checkpoint_name(a, SAVED) for a in m))
     # Features with no valid value have offset 0 around the running mean
     # already; they take the running variance too.
-    var = jnp.where(m.count > 0, m.var, running_var.astype(m.var.dtype))
+    var = jnp.where(m.count > 0, m.var, running.var.astype(m.var.dtype))
     corr = None
-    if len(running) > 2:  # batch renormalization: (x_hat * r + d) * scale + bias
-        corr = renorm_correction(m.count, m.shift + m.offset, var, running[2:], epsilon)
+    if running.renorm is not None:  # renorm: (x_hat * r + d) * scale + bias
+        mean = m.shift + m.offset
+        corr = renorm_correction(m.count, mean, var, running.renorm, epsilon)
         scale, bias = corrected(scale, bias, *corr)
     y = normalize(x, m.offset, var, scale, bias, epsilon, dtype, m.shift)
     return y, m, var, corr
@@ -159,19 +164,19 @@ def _forward(
 
 @partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _train(
-    static: tuple,
+    static: StepOptions,
     x: jax.Array,
     mask: jax.Array | None,
     scale: jax.Array | None,
     bias: jax.Array | None,
-    running: tuple[jax.Array, ...],
+    running: Running,
 ) -> tuple[jax.Array, ShiftedMoments]:
     y, m, _, _ = _forward(static, x, mask, scale, bias, running)
     return y, lax.stop_gradient(m)
 
 
 @_train.defjvp
-def _train_jvp(static: tuple, primals: tuple, tangents: tuple) -> tuple:
+def _train_jvp(static: StepOptions, primals: tuple, tangents: tuple) -> tuple:
     """The tangent of y, linear in (dx, dscale, dbias), shaped for its transpose.
 
     With ``c = (x - shift) - offset``, ``r = rsqrt(var + epsilon)``, ``g =
@@ -198,7 +203,7 @@ def _train_jvp(static: tuple, primals: tuple, tangents: tuple) -> tuple:
         g = g * corr[0]
     xc = x.astype(m.shift.dtype)
     t = dx.astype(m.shift.dtype)
-    # Two expressions for the same centred x (see ``_fusion.centred_pair``):
+    # Two expressions for the same centred x (see ``_xla_cpu.centred_pair``):
     # one feeds the reduction of the transpose, the other its elementwise pass.
     centred, c_sum = centred_pair(xc, m.shift, m.offset)
     tc = t * jnp.conj(c_sum) if jnp.iscomplexobj(t) else t * c_sum

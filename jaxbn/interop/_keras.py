@@ -12,9 +12,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from ._convert_common import CONVERGED_COUNT, jaxbn_variables, split_jaxbn
+from ._common import CONVERGED_COUNT, LAYOUTS, jaxbn_variables, split_jaxbn
 
-_NAMES = ("gamma", "beta", "moving_mean", "moving_variance")
+_NAMES = LAYOUTS["keras"]
 _RENORM = ("moving_stddev", "renorm_mean", "renorm_stddev")
 
 

@@ -12,7 +12,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from ._convert_common import CONVERGED_COUNT, as_numpy, jaxbn_variables, split_jaxbn
+from ._common import (
+    CONVERGED_COUNT,
+    LAYOUTS,
+    as_numpy,
+    jaxbn_variables,
+    split_jaxbn,
+)
 
 
 def from_flax(
@@ -73,8 +79,9 @@ def from_flax(
             "variables dict of a flax.linen.BatchNorm nor a flax.nnx.BatchNorm."
         )
     shape = as_numpy(mean, "mean").shape
-    names = ("scale", "bias", "mean", "var")
-    params, batch_stats = jaxbn_variables(scale, bias, mean, var, count, names, shape)
+    params, batch_stats = jaxbn_variables(
+        scale, bias, mean, var, count, LAYOUTS["flax"], shape
+    )
     if stored is not None:
         batch_stats["count"] = jnp.asarray(as_numpy(stored, "count"), jnp.int32)
     return params, batch_stats

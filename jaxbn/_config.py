@@ -1,0 +1,191 @@
+"""The layer's configuration: every option checked once, everything derived once.
+
+``jaxbn.batch_norm(...)`` builds a :class:`BatchNormConfig` and binds the
+module-level ``init``/``apply`` of ``_layer`` to it; the adapters build theirs
+once, when constructed. An option added to jaxbn is a field here (checked in
+``_hyperparams``), read where it acts, and reaches every adapter through this
+object.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Hashable
+from typing import Any, NamedTuple
+
+import jax.numpy as jnp
+
+from . import _hyperparams as hp
+from ._inputs import Axes, Spec, check_x, normalize_axes
+from ._statistics import mean_dtype, real_dtype
+from ._types import Initializer, _ones, _zeros
+
+
+class Geometry(NamedTuple):
+    """Where the features of one input are.
+
+    Attributes:
+      axes: the feature axes, sorted and non-negative.
+      feature_shape: x's sizes along them (the shape of params and statistics).
+      kept: x's rank with size 1 along the batch axes (statistics shaped for x).
+      reduction_axes: the batch axes.
+    """
+
+    axes: Axes
+    feature_shape: tuple[int, ...]
+    kept: tuple[int, ...]
+    reduction_axes: Axes
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchNormConfig:
+    """The checked options of a batch-norm layer (see :func:`jaxbn.batch_norm`).
+
+    Construction checks every option and resolves the defaults that depend on
+    others: ``warmup=None`` becomes a bool, renorm's ``rmax``, ``dmax`` and
+    ``renorm_momentum`` get their values, ``axis`` and ``axis_index_groups``
+    become tuples, dtypes become ``numpy.dtype``. The object is frozen and
+    hashable, so it can be a static argument or a static field; build a variant
+    with ``dataclasses.replace``, which checks again.
+
+    Raises:
+      TypeError, ValueError: for an invalid option (see :func:`jaxbn.batch_norm`).
+
+    Examples:
+      >>> import jaxbn
+      >>> config = jaxbn.batch_norm(momentum=None).config
+      >>> config.momentum, config.warmup, config.renorm_options
+      (None, False, None)
+      >>> jaxbn.BatchNormConfig(renorm=True).renorm_options
+      RenormOptions(rmax=3.0, dmax=5.0, momentum=0.99)
+    """
+
+    axis: int | tuple[int, ...] = -1
+    momentum: float | None = 0.99
+    epsilon: float = 1e-5
+    center: bool = True
+    scale: bool = True
+    warmup: bool | None = None
+    allow_one_value: bool = False
+    axis_name: Hashable | tuple[Hashable, ...] | None = None
+    axis_index_groups: tuple[tuple[int, ...], ...] | None = None
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    scale_init: Initializer = _ones
+    bias_init: Initializer = _zeros
+    running_var: str = "biased"
+    renorm: bool = False
+    rmax: float | Callable[[Any], Any] | None = None
+    dmax: float | Callable[[Any], Any] | None = None
+    renorm_momentum: float | None = None
+    virtual_batch_size: int | None = None
+    eval_mode: str = "running"
+    zero_masked: bool = False
+    renorm_options: hp.RenormOptions | None = dataclasses.field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        momentum = hp.check_momentum(self.momentum)
+        renorm = hp.check_renorm(
+            self.renorm, self.rmax, self.dmax, self.renorm_momentum
+        )
+        why_var = "'unbiased' stores n/(n-1) times the batch variance, as PyTorch does."
+        why_eval = "'batch' normalizes with the batch's statistics in evaluation too."
+        resolved = {
+            "axis": hp.check_axis_spec(self.axis),
+            "momentum": momentum,
+            "warmup": hp.check_warmup(self.warmup, momentum),
+            "running_var": hp.check_choice(
+                "running_var", self.running_var, ("biased", "unbiased"), why_var
+            ),
+            "renorm": renorm is not None,
+            "renorm_options": renorm,
+            "virtual_batch_size": hp.check_virtual_batch_size(self.virtual_batch_size),
+            "eval_mode": hp.check_choice(
+                "eval_mode", self.eval_mode, ("running", "batch"), why_eval
+            ),
+            "zero_masked": bool(self.zero_masked),
+            "epsilon": hp.check_epsilon(self.epsilon),
+            "dtype": hp.check_float_dtype("dtype", self.dtype, allow_none=True),
+            "param_dtype": hp.check_float_dtype(
+                "param_dtype", self.param_dtype, allow_none=False
+            ),
+            "axis_index_groups": hp.check_groups(
+                self.axis_name, self.axis_index_groups
+            ),
+            "center": bool(self.center),
+            "scale": bool(self.scale),
+            "allow_one_value": bool(self.allow_one_value),
+        }
+        if renorm is not None:
+            resolved.update(rmax=renorm.rmax, dmax=renorm.dmax)
+            resolved["renorm_momentum"] = renorm.momentum
+        for name, value in resolved.items():
+            object.__setattr__(self, name, value)
+
+    @property
+    def unbiased(self) -> bool:
+        """Whether the running variance averages ``n / (n - 1)`` times the batch's."""
+        return self.running_var == "unbiased"
+
+    @property
+    def eval_uses_batch(self) -> bool:
+        """Whether evaluation normalizes with the batch's statistics."""
+        return self.eval_mode == "batch"
+
+    @property
+    def frozen(self) -> bool:
+        """Whether training leaves the running statistics as they are."""
+        return self.momentum == 1.0
+
+    @property
+    def keeps_count(self) -> bool:
+        """Whether the count matters: for warm-up, the cumulative average, renorm.
+
+        The Flax adapters store ``count`` only then.
+        """
+        return self.warmup or self.momentum is None or self.renorm
+
+    def geometry(self, x: Any) -> Geometry:
+        """The feature axes of ``x`` (checked to be a floating or complex array)."""
+        check_x(x)
+        batch_elsewhere = self.axis_name is not None or self.allow_one_value
+        axes = normalize_axes(self.axis, len(x.shape), batch_elsewhere)
+        feature_shape = tuple(x.shape[a] for a in axes)
+        kept = tuple(d if i in axes else 1 for i, d in enumerate(x.shape))
+        reduction_axes = tuple(i for i in range(len(x.shape)) if i not in axes)
+        return Geometry(axes, feature_shape, kept, reduction_axes)
+
+    def params_spec(self, feature_shape: tuple[int, ...]) -> Spec:
+        """The ``params`` keys with their shape and dtype."""
+        spec: Spec = {}
+        if self.scale:
+            spec["scale"] = (feature_shape, (self.param_dtype,))
+        if self.center:
+            spec["bias"] = (feature_shape, (self.param_dtype,))
+        return spec
+
+    def stats_spec(self, feature_shape: tuple[int, ...], x_dtype: Any) -> Spec:
+        """The ``batch_stats`` keys with their shape and accepted dtypes.
+
+        The statistics are kept in float32 or float64 (``init`` picks float64
+        for float64 x); the mean is complex for complex x, the variance always
+        real.
+        """
+        if jnp.issubdtype(x_dtype, jnp.complexfloating):
+            means = (jnp.dtype(jnp.complex64), jnp.dtype(jnp.complex128))
+        else:
+            means = (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64))
+        reals = (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64))
+        spec: Spec = {
+            "mean": (feature_shape, means),
+            "var": (feature_shape, reals),
+            "count": ((), (jnp.dtype(jnp.int32),)),
+        }
+        if self.renorm:
+            spec["renorm_mean"] = spec["mean"]
+            spec["renorm_std"] = spec["var"]
+        return spec
+
+    def stats_dtypes(self, x_dtype: Any) -> tuple[Any, Any]:
+        """The dtypes ``init`` gives the mean and the variance for ``x_dtype``."""
+        return mean_dtype(x_dtype), real_dtype(x_dtype)

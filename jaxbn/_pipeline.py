@@ -1,0 +1,211 @@
+"""The adapter pipeline: the steps ``jaxbn.linen``, ``nnx`` and ``equinox`` share.
+
+An adapter owns its framework's variables; everything else is here. Each call
+goes: the mode as the core's ``train`` (:func:`train_flag`), x promoted like
+Flax does (:func:`as_inexact`, Flax adapters only), then :func:`normalize`:
+the feature shape, the core's ``params`` and ``batch_stats`` from the
+adapter's values (:class:`AdapterStats`), the core's :func:`_layer.run` with
+the adapter's output dtype, the cast, and the new statistics in the adapter's
+dtypes for it to write back. The configuration is built once per adapter
+(:func:`adapter_config`), with every option of :func:`jaxbn.batch_norm`.
+
+Where Flax and the core differ, the adapters behave like Flax: training with
+one value per feature (a batch of one, or x without a batch axis) normalizes
+to the bias, where the core raises; integer and boolean x are promoted to
+float. The Flax adapters store ``count`` as float32 (see ``_converged``) and
+only when the configuration needs it (``BatchNormConfig.keeps_count``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ._config import BatchNormConfig
+from ._converged import CONVERGED_COUNT
+from ._inputs import check_train, check_x
+from ._layer import Params, run
+
+# The core's options that every adapter takes under the core's own name, with
+# the core's defaults: the training-time variants. An option added to the core
+# is added here and reaches linen, nnx and equinox.
+VARIANTS: dict[str, Any] = {
+    "running_var": "biased",
+    "renorm": False,
+    "rmax": None,
+    "dmax": None,
+    "renorm_momentum": None,
+    "virtual_batch_size": None,
+    "eval_mode": "running",
+    "zero_masked": False,
+}
+
+
+def adapter_config(
+    *,
+    axis: Any,
+    momentum: Any,
+    epsilon: Any,
+    center: Any,
+    scale: Any,
+    warmup: Any,
+    axis_name: Any,
+    axis_index_groups: Any = None,
+    param_dtype: Any = jnp.float32,
+    allow_one_value: bool = True,
+    variants: Any = None,
+) -> BatchNormConfig:
+    """The configuration of an adapter: its options under the core's names.
+
+    ``variants`` is an object whose attributes named in :data:`VARIANTS` are
+    read (the adapter itself); missing ones take the core's defaults. The
+    output dtype is left to the adapter's rule (:func:`normalize`).
+    """
+    given = {k: getattr(variants, k, default) for k, default in VARIANTS.items()}
+    return BatchNormConfig(
+        axis=axis,
+        momentum=momentum,
+        epsilon=epsilon,
+        center=center,
+        scale=scale,
+        warmup=warmup,
+        allow_one_value=allow_one_value,
+        axis_name=axis_name,
+        axis_index_groups=axis_index_groups,
+        param_dtype=param_dtype,
+        **given,
+    )
+
+
+def local(config: BatchNormConfig) -> BatchNormConfig:
+    """The configuration without ``axis_name``: Flax's ``init`` runs unmapped."""
+    if config.axis_name is None:
+        return config
+    return dataclasses.replace(config, axis_name=None, axis_index_groups=None)
+
+
+class AdapterStats(NamedTuple):
+    """An adapter's running statistics, as its variables hold them.
+
+    Attributes:
+      mean: the running mean (float32; complex once complex x updated it).
+      var: the running variance.
+      count: the adapter's count array (float32 for Flax, int32 for Equinox),
+        or a Python int where the adapter keeps none.
+      renorm_mean: renorm's moving mean, or None without renorm.
+      renorm_std: renorm's moving standard deviation, or None.
+    """
+
+    mean: jax.Array
+    var: jax.Array
+    count: Any
+    renorm_mean: jax.Array | None = None
+    renorm_std: jax.Array | None = None
+
+
+class CallArgs(NamedTuple):
+    """The optional call-time inputs of :func:`jaxbn.batch_norm`'s ``apply``."""
+
+    mask: Any = None
+    weights: Any = None
+    scale: Any = None
+    offset: Any = None
+
+
+def train_flag(evaluating: Any) -> bool | jax.Array:
+    """``use_running_average`` (Flax) or ``inference`` (Equinox) as ``train``."""
+    if isinstance(evaluating, bool | np.bool_):
+        return not bool(evaluating)
+    return jnp.logical_not(check_train(evaluating))  # a scalar boolean array
+
+
+def as_inexact(x: Any) -> Any:
+    """x, with integer and boolean dtypes promoted to float as Flax does."""
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        check_x(x)  # raises the core's TypeError
+    if not jnp.issubdtype(x.dtype, jnp.inexact):
+        return jnp.asarray(x, jnp.promote_types(x.dtype, jnp.float32))
+    return x
+
+
+def _core_count(count: Any) -> jax.Array:
+    """The core's int32 count from an adapter's (float32, int32 or Python int)."""
+    if isinstance(count, jax.Array) and jnp.issubdtype(count.dtype, jnp.integer):
+        return count.astype(jnp.int32)
+    # Clipped so that a float32 count rounded up past int32 cannot overflow.
+    count = jnp.minimum(jnp.asarray(count, jnp.float32), float(CONVERGED_COUNT))
+    return count.astype(jnp.int32)
+
+
+def core_stats(
+    stats: AdapterStats, features: tuple[int, ...], x_dtype: Any
+) -> dict[str, jax.Array]:
+    """The core's ``batch_stats`` from an adapter's values, feature-shaped.
+
+    The running mean starts as float32, as in Flax; for complex x the core
+    wants a complex mean, and it becomes complex after the first update (as
+    Flax's does).
+    """
+    mean = stats.mean.reshape(features)
+    if jnp.issubdtype(x_dtype, jnp.complexfloating) and not jnp.iscomplexobj(mean):
+        mean = mean.astype(jnp.promote_types(mean.dtype, jnp.complex64))
+    core = {
+        "mean": mean,
+        "var": stats.var.reshape(features),
+        "count": _core_count(stats.count),
+    }
+    if stats.renorm_mean is not None and stats.renorm_std is not None:
+        core["renorm_mean"] = stats.renorm_mean.reshape(features)
+        core["renorm_std"] = stats.renorm_std.reshape(features)
+    return core
+
+
+def normalize(
+    config: BatchNormConfig,
+    x: jax.Array,
+    train: bool | jax.Array,
+    params: Params,
+    stats: AdapterStats,
+    call: CallArgs,
+    dtype: Any,
+) -> tuple[jax.Array, AdapterStats]:
+    """The core's ``apply`` on an adapter's values; returns ``(y, new stats)``.
+
+    Args:
+      config: the adapter's configuration.
+      x: the input (already checked or promoted by the adapter).
+      train: the core's ``train``.
+      params: ``{"scale", "bias"}`` as the adapter holds them (any shape with
+        the features' size).
+      stats: the adapter's running statistics.
+      call: the call-time inputs.
+      dtype: the output dtype, by the adapter's rule (complex allowed).
+
+    Returns:
+      ``y`` in ``dtype``, and the statistics to write back in the dtypes of
+      ``stats`` (a count array keeps its dtype; a Python int stays as it is).
+    """
+    features = config.geometry(x).feature_shape
+    core_params = {k: p.reshape(features) for k, p in params.items()}
+    core_dtype = None if jnp.issubdtype(dtype, jnp.complexfloating) else dtype
+    y, new = run(
+        config,
+        core_params,
+        core_stats(stats, features, x.dtype),
+        x,
+        train=train,
+        dtype=core_dtype,
+        **call._asdict(),
+    )
+    y = y if y.dtype == dtype else y.astype(dtype)
+    count = stats.count
+    if isinstance(count, jax.Array):
+        count = new["count"].astype(count.dtype)
+    updated = AdapterStats(
+        new["mean"], new["var"], count, new.get("renorm_mean"), new.get("renorm_std")
+    )
+    return y, updated
