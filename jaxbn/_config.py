@@ -10,15 +10,27 @@ object.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any, NamedTuple
 
+import jax
 import jax.numpy as jnp
 
 from . import _hyperparams as hp
 from ._inputs import Axes, Spec, check_x, normalize_axes
 from ._statistics import mean_dtype, real_dtype
-from ._types import Initializer, _ones, _zeros
+
+Initializer = Callable[..., jax.Array]
+
+
+def _ones(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:
+    del key
+    return jnp.ones(shape, dtype)
+
+
+def _zeros(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:
+    del key
+    return jnp.zeros(shape, dtype)
 
 
 class Geometry(NamedTuple):

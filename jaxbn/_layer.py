@@ -20,7 +20,7 @@ from jax import lax
 from jax.typing import ArrayLike
 
 from . import _inputs as inputs
-from ._config import BatchNormConfig, Geometry
+from ._config import BatchNormConfig, Geometry, Initializer, _ones, _zeros
 from ._ghost import ghost_training
 from ._normalize import RenormOperands, clip_bound, normalize
 from ._running import update_running_stats
@@ -29,10 +29,8 @@ from ._training import Running, StepOptions, training_step
 from ._types import ApplyFn as ApplyFn
 from ._types import BatchStats as BatchStats
 from ._types import InitFn as InitFn
-from ._types import Initializer as Initializer
 from ._types import Layer as Layer
 from ._types import Params as Params
-from ._types import _ones, _zeros
 
 
 def batch_norm(

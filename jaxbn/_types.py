@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import jax
-import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-if TYPE_CHECKING:
-    from ._config import BatchNormConfig
+from ._config import BatchNormConfig
 
 Params = dict[str, jax.Array]
 BatchStats = dict[str, jax.Array]
-Initializer = Callable[..., jax.Array]
 
 
 class InitFn(Protocol):
@@ -67,21 +63,9 @@ class Layer(NamedTuple):
         Raises:
           AttributeError: for a ``Layer`` not built by :func:`jaxbn.batch_norm`.
         """
-        from ._config import BatchNormConfig
-
         bound = getattr(self.apply, "args", ())
         if bound and isinstance(bound[0], BatchNormConfig):
             return bound[0]
         raise AttributeError(
             "this Layer was not built by jaxbn.batch_norm, so it has no config."
         )
-
-
-def _ones(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:
-    del key
-    return jnp.ones(shape, dtype)
-
-
-def _zeros(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:
-    del key
-    return jnp.zeros(shape, dtype)

@@ -145,14 +145,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
         eval_mode: str = "running",
         zero_masked: bool = False,
     ):
-        if isinstance(input_size, bool) or not isinstance(input_size, int):
-            raise TypeError(f"input_size must be an int, got {input_size!r}.")
-        if input_size < 1:
-            raise ValueError(f"input_size={input_size} must be at least 1.")
-        if mode == "ema":
-            raise ValueError(_EMA)
-        if mode not in ("batch", "legacy"):
-            raise ValueError(f"mode={mode!r} is not valid; use mode='batch'.")
+        _check_equinox_options(input_size, mode)
         dtype = check_float_dtype("dtype", dtype, allow_none=True)
         dtype = jnp.float32 if dtype is None else dtype
         self.input_size, self.eps, self.momentum = input_size, eps, momentum
@@ -247,6 +240,18 @@ class BatchNorm(eqx.nn.StatefulLayer):
             updated = {k: v for k, v in new._asdict().items() if v is not None}
             state = state.set(self.state_index, updated)
         return y, state
+
+
+def _check_equinox_options(input_size: Any, mode: Any) -> None:
+    """Checks the options jaxbn's configuration does not hold."""
+    if isinstance(input_size, bool) or not isinstance(input_size, int):
+        raise TypeError(f"input_size must be an int, got {input_size!r}.")
+    if input_size < 1:
+        raise ValueError(f"input_size={input_size} must be at least 1.")
+    if mode == "ema":
+        raise ValueError(_EMA)
+    if mode not in ("batch", "legacy"):
+        raise ValueError(f"mode={mode!r} is not valid; use mode='batch'.")
 
 
 def _check_layout(module: BatchNorm, x: Any) -> None:

@@ -187,15 +187,7 @@ class BatchNorm(nn.Module):
         # (alone, without axis_name) and records nothing.
         config = self.local_config if initializing else self.config
         features = config.geometry(x).feature_shape
-        params: dict[str, jax.Array] = {}
-        if self.use_scale:
-            params["scale"] = self.param(
-                "scale", self.scale_init, features, self.param_dtype
-            )
-        if self.use_bias:
-            params["bias"] = self.param(
-                "bias", self.bias_init, features, self.param_dtype
-            )
+        params = _params(self, features)
         variables = _stats_variables(self, features)
         values: dict[str, Any] = {
             k: v if isinstance(v, int) else v.value for k, v in variables.items()
@@ -232,6 +224,20 @@ class BatchNorm(nn.Module):
     def local_config(self) -> BatchNormConfig:
         """The configuration without ``axis_name``, which ``init`` uses."""
         return pipeline.local(self.config)
+
+
+def _params(module: BatchNorm, features: tuple[int, ...]) -> dict[str, jax.Array]:
+    """The module's ``params`` (scale, bias), created if needed."""
+    params: dict[str, jax.Array] = {}
+    if module.use_scale:
+        params["scale"] = module.param(
+            "scale", module.scale_init, features, module.param_dtype
+        )
+    if module.use_bias:
+        params["bias"] = module.param(
+            "bias", module.bias_init, features, module.param_dtype
+        )
+    return params
 
 
 def _stats_variables(module: BatchNorm, features: tuple[int, ...]) -> dict[str, Any]:

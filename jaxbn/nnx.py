@@ -220,35 +220,18 @@ class BatchNorm(nnx.Module):
             raise ValueError(_NO_MODE)
         train = pipeline.train_flag(use_running_average)
         x = pipeline.as_inexact(x)
-        features = self.config.geometry(x).feature_shape
-        if math.prod(features) != self.num_features:
-            raise ValueError(
-                f"x of shape {tuple(x.shape)} has {math.prod(features)} features "
-                f"along axis {self.axis!r} but this BatchNorm was built with "
-                f"num_features={self.num_features}; build it with "
-                f"num_features={math.prod(features)} or check axis."
-            )
+        _check_features(self, x)
         params = {
             k: p[...] for k in ("scale", "bias") if (p := getattr(self, k)) is not None
         }
-        stats = pipeline.AdapterStats(
-            self.mean[...],
-            self.var[...],
-            self.count[...] if self.keeps_count else 0,
-            self.renorm_mean[...] if self.renorm else None,
-            self.renorm_std[...] if self.renorm else None,
-        )
+        stats = _current_stats(self)
         out_dtype = _output_dtype(self, x, stats, params)
         call = pipeline.CallArgs(mask, weights, scale, offset)
         y, new = pipeline.normalize(
             self.config, x, train, params, stats, call, out_dtype
         )
         if train is not False:
-            for name in ("mean", "var", "renorm_mean", "renorm_std"):
-                if getattr(new, name) is not None:
-                    _store(getattr(self, name), getattr(new, name))
-            if self.keeps_count:
-                self.count[...] = new.count
+            _write_back(self, new)
         return y
 
     def set_view(self, use_running_average: bool | None = None) -> None:
@@ -287,6 +270,38 @@ def _make_variables(
     if module.use_bias:
         made = bias_init(rngs.params(), features, module.param_dtype)
         module.bias = nnx.Param(made, **bias_metadata)
+
+
+def _check_features(module: BatchNorm, x: jax.Array) -> None:
+    """Checks that x has ``num_features`` features along the module's axis."""
+    features = module.config.geometry(x).feature_shape
+    if math.prod(features) != module.num_features:
+        raise ValueError(
+            f"x of shape {tuple(x.shape)} has {math.prod(features)} features "
+            f"along axis {module.axis!r} but this BatchNorm was built with "
+            f"num_features={module.num_features}; build it with "
+            f"num_features={math.prod(features)} or check axis."
+        )
+
+
+def _current_stats(module: BatchNorm) -> pipeline.AdapterStats:
+    """The module's running statistics (count 0 where it keeps none)."""
+    return pipeline.AdapterStats(
+        module.mean[...],
+        module.var[...],
+        module.count[...] if module.keeps_count else 0,
+        module.renorm_mean[...] if module.renorm else None,
+        module.renorm_std[...] if module.renorm else None,
+    )
+
+
+def _write_back(module: BatchNorm, new: pipeline.AdapterStats) -> None:
+    """Stores the statistics of a training step in the module's variables."""
+    for name in ("mean", "var", "renorm_mean", "renorm_std"):
+        if getattr(new, name) is not None:
+            _store(getattr(module, name), getattr(new, name))
+    if module.keeps_count:
+        module.count[...] = new.count
 
 
 def _output_dtype(

@@ -1,0 +1,204 @@
+"""The package's shape: small functions, thin adapters, imports that only go down.
+
+These guard the layout that ``docs/design.md`` describes, so that a change
+that breaks it fails here rather than in a review months later.
+"""
+
+import ast
+import dataclasses
+import inspect
+import pkgutil
+from pathlib import Path
+
+import pytest
+
+import jaxbn
+import jaxbn.equinox
+import jaxbn.linen
+import jaxbn.nnx
+from jaxbn import _pipeline
+
+PACKAGE = Path(jaxbn.__file__).resolve().parent
+SOURCES = sorted(PACKAGE.rglob("*.py"))
+
+# Each module's layer, from the ground up: a module imports only from lower
+# layers (functions' local imports included), so there is no cycle.
+LAYERS = [
+    {"_hyperparams", "_xla_cpu", "_converged", "_trees"},
+    {"_inputs", "_statistics"},
+    {"_config", "_normalize"},
+    {"_types", "_running", "_training"},
+    {"_ghost"},
+    {"_layer"},
+    {"_pipeline"},
+    {"linen", "nnx", "equinox", "interop"},
+    {"_describe", "_fold", "_record"},
+    {"_recalibrate"},
+    {"__init__"},
+]
+LAYER_OF = {name: i for i, names in enumerate(LAYERS) for name in names}
+
+
+def _module_name(path: Path) -> str:
+    """``_layer`` for jaxbn/_layer.py; ``interop`` for anything in jaxbn/interop/."""
+    parts = path.relative_to(PACKAGE).with_suffix("").parts
+    return parts[0]
+
+
+def _code_lines(lines: list[str], node: ast.AST) -> int:
+    """Lines of a function without its docstring, blank and comment lines."""
+    assert isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+    skip = range(0)
+    first = node.body[0]
+    if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+        assert first.end_lineno is not None
+        skip = range(first.lineno, first.end_lineno + 1)
+    assert node.end_lineno is not None
+    return sum(
+        1
+        for i in range(node.lineno, node.end_lineno + 1)
+        if i not in skip and lines[i - 1].strip() and lines[i - 1].strip()[0] != "#"
+    )
+
+
+def _functions() -> list[tuple[str, int]]:
+    found = []
+    for path in SOURCES:
+        text = path.read_text()
+        lines = text.splitlines()
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                where = f"{path.relative_to(PACKAGE)}:{node.lineno}:{node.name}"
+                found.append((where, _code_lines(lines, node)))
+    return found
+
+
+def test_no_function_is_longer_than_a_screen():
+    long = {where: n for where, n in _functions() if n > 60}
+    assert not long, f"functions over 60 lines of code: {long}"
+
+
+def test_line_counter_counts_code_only():
+    src = 'def f(x):\n    """Doc.\n\n    More.\n    """\n    # note\n\n    return x\n'
+    node = ast.parse(src).body[0]
+    assert _code_lines(src.splitlines(), node) == 2
+
+
+@pytest.mark.parametrize("module", ["linen.py", "nnx.py", "equinox.py"])
+def test_adapters_call_is_thin(module):
+    lengths = dict(_functions())
+    (call,) = [
+        n
+        for where, n in lengths.items()
+        if where.startswith(module) and where.endswith(":__call__")
+    ]
+    assert call <= 40, f"{module}'s __call__ has {call} lines of code"
+
+
+def _jaxbn_imports(path: Path) -> set[str]:
+    """The jaxbn modules ``path`` imports, at module level or in functions."""
+    name = _module_name(path)
+    in_subpackage = path.parent != PACKAGE
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            level = node.level - (1 if in_subpackage else 0)
+            if node.level and level == 0 and in_subpackage:
+                continue  # within the subpackage itself
+            if node.level:
+                if node.module:
+                    found.add(node.module.split(".")[0])
+                else:
+                    found.update(a.name for a in node.names)
+            elif node.module and node.module.startswith("jaxbn."):
+                found.add(node.module.split(".")[1])
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.startswith("jaxbn."):
+                    found.add(alias.name.split(".")[1])
+    found.discard(name)
+    return found
+
+
+def test_every_module_has_a_layer():
+    names = {_module_name(p) for p in SOURCES}
+    assert names == set(LAYER_OF), (
+        f"modules without a layer: {sorted(names - set(LAYER_OF))}; layers "
+        f"without a module: {sorted(set(LAYER_OF) - names)}"
+    )
+
+
+def test_imports_only_go_down():
+    upward = []
+    for path in SOURCES:
+        here = LAYER_OF[_module_name(path)]
+        for target in _jaxbn_imports(path):
+            if LAYER_OF[target] >= here:
+                upward.append(f"{path.relative_to(PACKAGE)} -> {target}")
+    assert not upward, f"imports that run up (or sideways into a cycle): {upward}"
+
+
+def test_import_reader_sees_every_kind_of_import():
+    assert {"_pipeline", "_config", "_converged"} <= _jaxbn_imports(
+        PACKAGE / "linen.py"
+    )
+    # A function's local import (recalibrate reads the adapters lazily).
+    assert "nnx" in _jaxbn_imports(PACKAGE / "_recalibrate.py")
+    # From inside the interop subpackage, ``..`` is jaxbn.
+    assert _jaxbn_imports(PACKAGE / "interop" / "_common.py") == {"_converged"}
+
+
+def test_package_docstring_lists_every_public_module():
+    public = [
+        m.name
+        for m in pkgutil.iter_modules(jaxbn.__path__)
+        if not m.name.startswith("_")
+    ]
+    assert set(public) == {"equinox", "interop", "linen", "nnx"}
+    for name in public:
+        assert f"``jaxbn.{name}``" in (jaxbn.__doc__ or ""), name
+
+
+def test_config_and_factory_take_the_same_options():
+    factory = list(inspect.signature(jaxbn.batch_norm).parameters)
+    fields = [f.name for f in dataclasses.fields(jaxbn.BatchNormConfig) if f.init]
+    assert factory == fields
+    kinds = [p.kind for p in inspect.signature(jaxbn.batch_norm).parameters.values()]
+    assert kinds[0] is inspect.Parameter.POSITIONAL_OR_KEYWORD
+    assert set(kinds[1:]) == {inspect.Parameter.KEYWORD_ONLY}
+
+
+@pytest.mark.parametrize(
+    "adapter",
+    [
+        jaxbn.linen.BatchNorm,
+        jaxbn.nnx.BatchNorm.__init__,
+        jaxbn.equinox.BatchNorm.__init__,
+    ],
+    ids=["linen", "nnx", "equinox"],
+)
+def test_every_adapter_takes_every_variant(adapter):
+    if inspect.isclass(adapter):  # a linen dataclass: its fields
+        names = {f.name for f in dataclasses.fields(adapter)}
+    else:
+        names = set(inspect.signature(adapter).parameters)
+    missing = set(_pipeline.VARIANTS) - names
+    assert not missing, f"{adapter} lacks {sorted(missing)}"
+    # VARIANTS is every core option an adapter does not rename.
+    renamed = {
+        "axis",
+        "momentum",
+        "epsilon",
+        "center",
+        "scale",
+        "warmup",
+        "allow_one_value",
+        "axis_name",
+        "axis_index_groups",
+        "dtype",
+        "param_dtype",
+        "scale_init",
+        "bias_init",
+    }
+    core = set(inspect.signature(jaxbn.batch_norm).parameters)
+    assert core - renamed == set(_pipeline.VARIANTS)
