@@ -24,16 +24,16 @@ from ._describe import describe as describe
 from ._describe import reset_stats as reset_stats
 from ._fold import fold as fold
 from ._fold import fold_kernel as fold_kernel
-from ._layer import ApplyFn as ApplyFn
-from ._layer import BatchStats as BatchStats
-from ._layer import InitFn as InitFn
-from ._layer import Layer as Layer
-from ._layer import Params as Params
 from ._layer import batch_norm as batch_norm
 from ._recalibrate import recalibrate as recalibrate
 from ._running import decay as decay
 from ._statistics import Moments as Moments
 from ._statistics import batch_moments as batch_moments
+from ._types import ApplyFn as ApplyFn
+from ._types import BatchStats as BatchStats
+from ._types import InitFn as InitFn
+from ._types import Layer as Layer
+from ._types import Params as Params
 
 __version__ = "0.2.0"
 

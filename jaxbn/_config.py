@@ -1,7 +1,7 @@
 """The layer's configuration: every option checked once, everything derived once.
 
 ``jaxbn.batch_norm(...)`` builds a :class:`BatchNormConfig` and binds the
-module-level ``init``/``apply`` of ``_layer`` to it; the adapters build theirs
+module-level ``init``/``apply`` of ``_apply`` to it; the adapters build theirs
 once, when constructed. An option added to jaxbn is a field here (checked in
 ``_hyperparams``), read where it acts, and reaches every adapter through this
 object.

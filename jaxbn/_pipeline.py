@@ -25,10 +25,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._apply import run
 from ._config import BatchNormConfig
 from ._converged import CONVERGED_COUNT
 from ._inputs import check_train, check_x
-from ._layer import Params, run
+from ._types import Params
 
 # The core's options that every adapter takes under the core's own name, with
 # the core's defaults: the training-time variants. An option added to the core

@@ -23,10 +23,10 @@ except ImportError as e:  # pragma: no cover - depends on the environment
     ) from e
 
 from . import _pipeline as pipeline
+from ._apply import initial_stats
 from ._config import BatchNormConfig
 from ._hyperparams import check_float_dtype
 from ._inputs import check_x
-from ._layer import initial_stats
 
 __all__ = ["BatchNorm"]
 

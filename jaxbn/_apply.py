@@ -1,0 +1,265 @@
+"""A layer's ``init`` and ``apply`` as module-level functions of its configuration.
+
+:func:`jaxbn.batch_norm` binds :func:`init` and :func:`apply` to a
+:class:`BatchNormConfig`. ``apply`` checks the call's inputs (``_inputs``),
+then runs the training step (``_training``, or ``_ghost`` for virtual batches)
+or the evaluation (``_normalize``) and moves the running statistics
+(``_running``). The adapters call :func:`run`, which is ``apply`` with their
+own output dtype.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.typing import ArrayLike
+
+from . import _inputs as inputs
+from ._config import BatchNormConfig, Geometry
+from ._ghost import ghost_training
+from ._normalize import RenormOperands, clip_bound, normalize
+from ._running import update_running_stats
+from ._statistics import Moments, devices_in_axis, real_dtype, sanitized, valid
+from ._training import Running, StepOptions, training_step
+from ._types import BatchStats, Params
+
+
+def init(
+    config: BatchNormConfig, x: Any, *, key: jax.Array | None = None
+) -> tuple[Params, BatchStats]:
+    """``Layer.init``: the initial ``(params, batch_stats)`` for x's shape and dtype."""
+    feature_shape = config.geometry(x).feature_shape
+    key = jax.random.key(0) if key is None else key
+    scale_key, bias_key = jax.random.split(key)
+    params: Params = {}
+    if config.scale:
+        made = config.scale_init(scale_key, feature_shape, config.param_dtype)
+        params["scale"] = jnp.asarray(made, config.param_dtype)
+    if config.center:
+        made = config.bias_init(bias_key, feature_shape, config.param_dtype)
+        params["bias"] = jnp.asarray(made, config.param_dtype)
+    return params, initial_stats(config, feature_shape, x.dtype)
+
+
+def initial_stats(
+    config: BatchNormConfig, feature_shape: tuple[int, ...], x_dtype: Any
+) -> BatchStats:
+    """Fresh statistics: mean 0, var 1, count 0 (and renorm's, if any).
+
+    Shaped ``feature_shape``, float32 (float64 for float64 x, a complex mean
+    for complex x); count an int32 scalar.
+    """
+    mean_dtype, var_dtype = config.stats_dtypes(x_dtype)
+    stats: BatchStats = {
+        "mean": jnp.zeros(feature_shape, mean_dtype),  # shape=features
+        "var": jnp.ones(feature_shape, var_dtype),  # shape=features
+        "count": jnp.zeros((), jnp.int32),  # shape=(), int32: updates so far
+    }
+    if config.renorm:
+        stats["renorm_mean"] = jnp.zeros_like(stats["mean"])
+        stats["renorm_std"] = jnp.ones_like(stats["var"])
+    return stats
+
+
+class Affine(NamedTuple):
+    """The scale and bias of one ``apply``, with x's rank (either may be None).
+
+    Attributes:
+      scale: the learned scale, or the call-time ``scale``.
+      bias: the learned bias, or the call-time ``offset``.
+    """
+
+    scale: jax.Array | None
+    bias: jax.Array | None
+
+
+def apply(
+    config: BatchNormConfig,
+    params: Params,
+    batch_stats: BatchStats,
+    x: jax.Array,
+    *,
+    train: bool | jax.Array,
+    mask: ArrayLike | None = None,
+    weights: ArrayLike | None = None,
+    scale: ArrayLike | None = None,
+    offset: ArrayLike | None = None,
+) -> tuple[jax.Array, BatchStats]:
+    """``Layer.apply``: normalizes x; returns ``(y, batch_stats)``.
+
+    See :func:`jaxbn.batch_norm` for the arguments, the maths and the errors.
+    """
+    return run(
+        config,
+        params,
+        batch_stats,
+        x,
+        train=train,
+        mask=mask,
+        weights=weights,
+        scale=scale,
+        offset=offset,
+        dtype=None,
+    )
+
+
+def run(
+    config: BatchNormConfig,
+    params: Params,
+    batch_stats: BatchStats,
+    x: jax.Array,
+    *,
+    train: bool | jax.Array,
+    mask: ArrayLike | None,
+    weights: ArrayLike | None,
+    scale: ArrayLike | None,
+    offset: ArrayLike | None,
+    dtype: Any,
+) -> tuple[jax.Array, BatchStats]:
+    """:func:`apply` with the output ``dtype`` given by the caller.
+
+    ``dtype=None`` is the configuration's, else x's. The adapters' entry point.
+    """
+    geo = config.geometry(x)
+    train = inputs.check_train(train)
+    inputs.check_mapping(
+        "params",
+        params,
+        config.params_spec(geo.feature_shape),
+        geo.axes,
+        config.axis,
+        False,
+    )
+    spec = config.stats_spec(geo.feature_shape, x.dtype)
+    inputs.check_mapping("batch_stats", batch_stats, spec, geo.axes, config.axis, True)
+    mask, affine = _call_inputs(config, geo, params, x, mask, weights, scale, offset)
+    if dtype is None:
+        dtype = x.dtype if config.dtype is None else config.dtype
+    _check_batch(config, geo, x, train)
+    branches = (
+        partial(_training, config, geo, affine, dtype),
+        partial(_evaluate, config, geo, affine, dtype),
+    )
+    operands = (x, mask, batch_stats)
+    if isinstance(train, bool):
+        y, stats = branches[0](operands) if train else branches[1](operands)
+    else:
+        y, stats = lax.cond(train, *branches, operands)
+    if config.zero_masked and mask is not None:
+        y = jnp.where(valid(mask), y, jnp.zeros((), y.dtype))
+    return y, stats
+
+
+def _call_inputs(
+    config: BatchNormConfig,
+    geo: Geometry,
+    params: Params,
+    x: jax.Array,
+    mask: Any,
+    weights: Any,
+    scale: Any,
+    offset: Any,
+) -> tuple[jax.Array | None, Affine]:
+    """Checks mask, weights, scale and offset; combines a mask with weights.
+
+    Returns:
+      The mask (boolean, or weights) of x's rank or None, and the ``Affine``.
+    """
+    shape = tuple(x.shape)
+    if mask is not None:
+        mask = inputs.check_mask(mask, shape)
+    if weights is not None:
+        w = inputs.check_weights(weights, shape, real_dtype(x.dtype))
+        # A mask is the 0/1 case of weights: the two combine.
+        mask = w if mask is None else jnp.where(mask, w, jnp.zeros((), w.dtype))
+    gamma = params["scale"].reshape(geo.kept) if config.scale else None
+    beta = params["bias"].reshape(geo.kept) if config.center else None
+    if scale is not None:
+        gamma = inputs.check_external("scale", scale, shape, config.scale)
+    if offset is not None:
+        beta = inputs.check_external("offset", offset, shape, config.center)
+    return mask, Affine(gamma, beta)
+
+
+def _check_batch(
+    config: BatchNormConfig, geo: Geometry, x: jax.Array, train: bool | jax.Array
+) -> None:
+    """Ghost batches must divide the batch; a batch variance needs two values."""
+    if config.virtual_batch_size is not None:
+        inputs.check_ghost_groups(tuple(x.shape), geo.axes, config.virtual_batch_size)
+    uses_batch = train is True or config.eval_uses_batch
+    if uses_batch and not config.allow_one_value:
+        devices = devices_in_axis(config.axis_name, config.axis_index_groups)
+        if config.virtual_batch_size is not None:
+            devices = 1  # each ghost batch is normalized on its own device
+        inputs.check_enough_values(
+            tuple(x.shape), geo.reduction_axes, devices, config.virtual_batch_size
+        )
+
+
+def _training(
+    config: BatchNormConfig,
+    geo: Geometry,
+    affine: Affine,
+    dtype: Any,
+    operands: tuple[jax.Array, Any, BatchStats],
+) -> tuple[jax.Array, BatchStats]:
+    """The training step on ``(x, mask, stats)``: the batch's statistics."""
+    x, mask, stats = operands
+    mean, var = stats["mean"].reshape(geo.kept), stats["var"].reshape(geo.kept)
+    running = Running(mean, var, _renorm_operands(config, stats, geo.kept, x.dtype))
+    options = StepOptions(
+        geo.reduction_axes,
+        config.epsilon,
+        config.axis_name,
+        config.axis_index_groups,
+        dtype,
+    )
+    k = config.virtual_batch_size
+    if k is not None:
+        y, moments = ghost_training(k, x, mask, *affine, running, options)
+    else:
+        y, m = training_step(x, mask, *affine, running, options)
+        moments = Moments(m.count, m.shift + m.offset, m.var)
+    flat = Moments(*(a.reshape(geo.feature_shape) for a in moments))
+    if config.frozen:  # bitwise unchanged, count included
+        return y, stats
+    return y, update_running_stats(stats, flat, config)
+
+
+def _evaluate(
+    config: BatchNormConfig,
+    geo: Geometry,
+    affine: Affine,
+    dtype: Any,
+    operands: tuple[jax.Array, Any, BatchStats],
+) -> tuple[jax.Array, BatchStats]:
+    """Evaluation on ``(x, mask, stats)``: the running statistics, unchanged."""
+    x, mask, stats = operands
+    if config.eval_uses_batch:  # normalize with the batch's statistics, no update
+        return _training(config, geo, affine, dtype, operands)[0], stats
+    mean = stats["mean"].reshape(geo.kept)
+    var = stats["var"].reshape(geo.kept)
+    x = sanitized(x, mask)
+    y = normalize(x, mean, var, *affine, config.epsilon, dtype)
+    return y, stats
+
+
+def _renorm_operands(
+    config: BatchNormConfig, stats: BatchStats, kept: tuple[int, ...], x_dtype: Any
+) -> RenormOperands | None:
+    """Renorm's operands shaped for x, or None without renorm."""
+    options = config.renorm_options
+    if options is None:
+        return None
+    inputs.check_real_for_renorm(x_dtype)
+    return RenormOperands(
+        stats["renorm_mean"].reshape(kept),
+        stats["renorm_std"].reshape(kept),
+        clip_bound("rmax", options.rmax, stats["count"]),
+        clip_bound("dmax", options.dmax, stats["count"]),
+    )
