@@ -65,6 +65,20 @@ def initial_stats(
     return stats
 
 
+class Operands(NamedTuple):
+    """What both branches of a run-time ``train`` flag take (``lax.cond``).
+
+    Attributes:
+      x: the input.
+      mask: the mask or weights of x's rank, or None.
+      stats: the running statistics.
+    """
+
+    x: jax.Array
+    mask: jax.Array | None
+    stats: BatchStats
+
+
 class Affine(NamedTuple):
     """The scale and bias of one ``apply``, with x's rank (either may be None).
 
@@ -144,7 +158,7 @@ def run(
         partial(_training, config, geo, affine, dtype),
         partial(_evaluate, config, geo, affine, dtype),
     )
-    operands = (x, mask, batch_stats)
+    operands = Operands(x, mask, batch_stats)
     if isinstance(train, bool):
         y, stats = branches[0](operands) if train else branches[1](operands)
     else:
@@ -206,7 +220,7 @@ def _training(
     geo: Geometry,
     affine: Affine,
     dtype: Any,
-    operands: tuple[jax.Array, Any, BatchStats],
+    operands: Operands,
 ) -> tuple[jax.Array, BatchStats]:
     """The training step on ``(x, mask, stats)``: the batch's statistics."""
     x, mask, stats = operands
@@ -236,7 +250,7 @@ def _evaluate(
     geo: Geometry,
     affine: Affine,
     dtype: Any,
-    operands: tuple[jax.Array, Any, BatchStats],
+    operands: Operands,
 ) -> tuple[jax.Array, BatchStats]:
     """Evaluation on ``(x, mask, stats)``: the running statistics, unchanged."""
     x, mask, stats = operands
