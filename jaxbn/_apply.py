@@ -256,11 +256,28 @@ def _evaluate(
     x, mask, stats = operands
     if config.eval_uses_batch:  # normalize with the batch's statistics, no update
         return _training(config, geo, affine, dtype, operands)[0], stats
-    mean = stats["mean"].reshape(geo.kept)
-    var = stats["var"].reshape(geo.kept)
+    mean, var = _running_for_evaluation(config, stats)
+    mean, var = mean.reshape(geo.kept), var.reshape(geo.kept)
     x = sanitized(x, mask)
     y = normalize(x, mean, var, *affine, config.epsilon, dtype)
     return y, stats
+
+
+def _running_for_evaluation(
+    config: BatchNormConfig, stats: BatchStats
+) -> tuple[jax.Array, jax.Array]:
+    """The running mean and variance, debiased if the configuration says so."""
+    mean, var = stats["mean"], stats["var"]
+    if config.debias is None:
+        return mean, var
+    assert config.momentum is not None
+    count = stats["count"].astype(var.dtype)
+    factor = 1.0 - jnp.asarray(config.momentum, var.dtype) ** count
+    factor = jnp.where(count > 0, factor, jnp.ones_like(factor))
+    mean = mean / factor.astype(mean.dtype)
+    if config.debias == "mean_and_var":
+        var = var / factor
+    return mean, var
 
 
 def _renorm_operands(

@@ -93,6 +93,7 @@ class BatchNormConfig:
     virtual_batch_size: int | None = None
     eval_mode: str = "running"
     zero_masked: bool = False
+    debias: str | None = None
     renorm_options: hp.RenormOptions | None = dataclasses.field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -116,6 +117,9 @@ class BatchNormConfig:
                 "eval_mode", self.eval_mode, ("running", "batch"), why_eval
             ),
             "zero_masked": bool(self.zero_masked),
+            "debias": hp.check_debias(
+                self.debias, momentum, hp.check_warmup(self.warmup, momentum)
+            ),
             "epsilon": hp.check_epsilon(self.epsilon),
             "dtype": hp.check_float_dtype("dtype", self.dtype, allow_none=True),
             "param_dtype": hp.check_float_dtype(
@@ -155,7 +159,8 @@ class BatchNormConfig:
 
         The Flax adapters store ``count`` only then.
         """
-        return self.warmup or self.momentum is None or self.renorm
+        counted = self.momentum is None or self.renorm or self.debias is not None
+        return bool(self.warmup) or counted
 
     def geometry(self, x: Any) -> Geometry:
         """The feature axes of ``x`` (checked to be a floating or complex array)."""

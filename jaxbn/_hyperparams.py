@@ -213,6 +213,30 @@ def check_renorm(
     return RenormOptions(rmax, dmax, float(momentum))
 
 
+def check_debias(debias: Any, momentum: float | None, warmup: bool) -> str | None:
+    """Checks ``debias``: None, ``"mean"`` or ``"mean_and_var"``.
+
+    Debiasing divides a plain moving average started at 0 by ``1 -
+    momentum**count``: it needs a constant momentum and no warm-up.
+    """
+    if debias is None:
+        return None
+    why = (
+        "'mean' divides the running mean by 1 - momentum**count in evaluation "
+        "(TensorFlow's zero_debias_moving_mean); 'mean_and_var' divides both "
+        "(Equinox's mode='batch')."
+    )
+    check_choice("debias", debias, ("mean", "mean_and_var"), why)
+    if momentum is None or momentum == 1.0 or warmup:
+        raise ValueError(
+            f"debias={debias!r} with momentum={momentum!r} and warmup={warmup}: "
+            "debiasing corrects a plain moving average started at zero, so it "
+            "needs a momentum in [0, 1) and warmup=False. Pass warmup=False, or "
+            "drop debias (warm-up already keeps early averages unbiased)."
+        )
+    return debias
+
+
 def check_virtual_batch_size(k: Any) -> int | None:
     """Checks ``virtual_batch_size``: None or a positive int."""
     if k is None:

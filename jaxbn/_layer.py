@@ -42,6 +42,7 @@ def batch_norm(
     virtual_batch_size: int | None = None,
     eval_mode: str = "running",
     zero_masked: bool = False,
+    debias: str | None = None,
 ) -> Layer:
     r"""Batch normalization (Ioffe & Szegedy, 2015) as pure ``init``/``apply``.
 
@@ -137,6 +138,13 @@ def batch_norm(
         too: evaluation computes the training step's output.
       zero_masked: whether ``y`` is set to 0 where the mask is False (or the
         weight 0), in training and evaluation: zeroed padding.
+      debias: evaluation divides the running mean (``"mean"``, TensorFlow's
+        ``zero_debias_moving_mean``), or the running mean and variance
+        (``"mean_and_var"``, Equinox's ``mode="batch"``), by ``1 -
+        momentum**count`` (1 while ``count`` is 0), undoing the pull of their
+        initial values (0 and 1) on a plain moving average. Needs a momentum
+        in ``[0, 1)`` and ``warmup=False``; the stored statistics stay the
+        plain averages (``recalibrate`` and ``fold`` read those).
 
     Every option after ``axis`` is keyword-only. The options are checked once,
     into a frozen :class:`jaxbn.BatchNormConfig` (``layer.config``).
@@ -224,6 +232,7 @@ def batch_norm(
         virtual_batch_size=virtual_batch_size,
         eval_mode=eval_mode,
         zero_masked=zero_masked,
+        debias=debias,
     )
     return layer_of(config)
 

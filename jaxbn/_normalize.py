@@ -47,6 +47,18 @@ def clip_bound(name: str, value: Any, count: jax.Array) -> jax.Array:
     return out
 
 
+def inverse_std(var: jax.Array, epsilon: float) -> jax.Array:
+    """``rsqrt(var + epsilon)``, and exactly 0 where the variance is infinite.
+
+    An overflowing batch has ``var = inf``; XLA:CPU's vectorized rsqrt (with
+    its Newton step) gives NaN there, not 0, so the infinite case is chosen
+    explicitly: such a feature normalizes to the bias, with zero gradient.
+    """
+    real = var.dtype
+    inv = lax.rsqrt(var + jnp.asarray(epsilon, real))
+    return jnp.where(var == jnp.inf, jnp.zeros_like(inv), inv)
+
+
 def normalize(
     x: jax.Array,
     mean: jax.Array,
@@ -86,7 +98,7 @@ def normalize(
     """
     compute = jnp.promote_types(mean.dtype, mean_dtype(x.dtype))
     real = jnp.promote_types(var.dtype, jnp.finfo(compute).dtype)
-    inv_std = lax.rsqrt(var + jnp.asarray(epsilon, real))
+    inv_std = inverse_std(var.astype(real), epsilon)
     xc = x.astype(compute)
     centred = xc - mean if shift is None else (xc - shift) - mean
     multiplier = inv_std if scale is None else inv_std * scale.astype(real)

@@ -43,6 +43,7 @@ VARIANTS: dict[str, Any] = {
     "virtual_batch_size": None,
     "eval_mode": "running",
     "zero_masked": False,
+    "debias": None,
 }
 
 
@@ -131,6 +132,18 @@ def as_inexact(x: Any) -> Any:
     if not jnp.issubdtype(x.dtype, jnp.inexact):
         return jnp.asarray(x, jnp.promote_types(x.dtype, jnp.float32))
     return x
+
+
+def promoted_dtype(*values: Any) -> Any:
+    """The standard JAX promotion of ``values``' dtypes: the adapters' output rule.
+
+    Computed under ``jax.numpy_dtype_promotion("standard")``, so the adapters
+    keep their framework's output dtype under ``"strict"`` too (bfloat16 x
+    with float32 parameters gives float32, as in Flax and Equinox), where
+    Flax's own layers raise. The computation itself casts explicitly.
+    """
+    with jax.numpy_dtype_promotion("standard"):
+        return jnp.result_type(*values)
 
 
 def _core_count(count: Any) -> jax.Array:

@@ -210,6 +210,13 @@ def _passes(cfg: _Config, x: jax.Array, mask: Any, shift: jax.Array) -> ShiftedM
         safe = jnp.maximum(count, 1.0)
         offset = s1 / safe
         var = jnp.maximum(s2 / safe - abs2(offset), 0.0)
+        # A sum of squares that overflows (finite x, |x - shift| ~ 1e19 in
+        # float32) makes the variance inf, exactly: the offset is then set to
+        # 0, so that x - shift stays finite and normalizes to the bias.
+        # (NaN input keeps s2 NaN, never inf.)
+        overflow = s2 == jnp.inf
+        offset = jnp.where(overflow, jnp.zeros_like(offset), offset)
+        var = jnp.where(overflow, jnp.full_like(var, jnp.inf), var)
         return count, offset, var
 
     count, offset, var = one_pass(shift)

@@ -29,7 +29,13 @@ from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
 from ._hyperparams import Groups
-from ._normalize import RenormOperands, corrected, normalize, renorm_correction
+from ._normalize import (
+    RenormOperands,
+    corrected,
+    inverse_std,
+    normalize,
+    renorm_correction,
+)
 from ._statistics import (
     SAVED,
     ShiftedMoments,
@@ -197,7 +203,7 @@ def _train_jvp(static: StepOptions, primals: tuple, tangents: tuple) -> tuple:
     axes, epsilon, axis_name, groups, _ = static
     y, m, var, corr = _forward(static, x, mask, scale, bias, running)
     real = var.dtype
-    r = lax.rsqrt(var + jnp.asarray(epsilon, real))
+    r = inverse_std(var, epsilon)
     g = r if scale is None else r * scale.astype(real)
     if corr is not None:
         g = g * corr[0]
@@ -214,6 +220,9 @@ def _train_jvp(static: StepOptions, primals: tuple, tangents: tuple) -> tuple:
     sum_tc = jnp.sum(tc, axes, keepdims=True)
     if axis_name is not None:
         sum_t, sum_tc = psum_parts([sum_t, sum_tc], axis_name, groups)
+    # An overflowed feature (r = 0) has a constant output: its sums may be
+    # inf, and 0 * inf would be NaN.
+    sum_tc = jnp.where(r == 0, jnp.zeros_like(sum_tc), sum_tc)
     inv_n = 1.0 / jnp.maximum(m.count, 1.0)
     per_c = -(g * r * r) * (sum_tc * inv_n)
     if dscale is not None:

@@ -14,6 +14,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 try:
     import equinox as eqx
@@ -27,16 +28,10 @@ from ._apply import initial_stats
 from ._config import BatchNormConfig
 from ._hyperparams import check_float_dtype
 from ._inputs import check_x
+from ._normalize import normalize
+from ._statistics import batch_moments
 
 __all__ = ["BatchNorm"]
-
-_EMA = (
-    "mode='ema' normalizes training batches with a running average, "
-    "which jaxbn does not do: jaxbn.equinox.BatchNorm always trains "
-    "with the batch's statistics (Equinox's mode='batch') and "
-    "evaluates with the running ones. Drop mode= or pass "
-    "mode='batch'."
-)
 
 
 class BatchNorm(eqx.nn.StatefulLayer):
@@ -53,12 +48,25 @@ class BatchNorm(eqx.nn.StatefulLayer):
       every axis but axis 1; no ``vmap`` is needed. Under a sharded ``jax.jit``
       the statistics are still global.
 
-    Training normalizes with the batch's mean and biased variance (Equinox's
-    ``mode="batch"``) and updates the running statistics with jaxbn's warm-up
-    (``warmup=False``: a plain moving average with decay ``momentum``, like
-    Equinox's before its zero-debiasing); inference normalizes with them as
-    they are. They are stored in the ``eqx.nn.State`` as jaxbn's
-    ``{"mean", "var", "count"}`` (float32 whatever ``dtype``).
+    Training normalizes with the batch's mean and biased variance and updates
+    the running statistics; inference normalizes with them. Which running
+    statistics depends on ``mode``:
+
+    * ``mode`` not given: jaxbn's warm-up of the decay (see
+      :func:`jaxbn.batch_norm`; ``warmup=False`` gives a plain moving average).
+      Note that Equinox's own default when ``mode`` is not given is its legacy
+      ``"ema"``; jaxbn's is this.
+    * ``mode="batch"``: Equinox's ``mode="batch"`` exactly: a plain moving
+      average (``warmup=False``) that inference divides by ``1 -
+      momentum**count`` (``debias="mean_and_var"``).
+    * ``mode="ema"`` (and ``"legacy"``): refused, with what to use instead:
+      it normalizes training batches with a mix of batch and running
+      statistics, which jaxbn does not do.
+
+    A batch with one value per channel (a batch of one under ``vmap``)
+    normalizes to the bias, as in Equinox. The statistics are stored in the
+    ``eqx.nn.State`` as jaxbn's ``{"mean", "var", "count"}`` (float32 whatever
+    ``dtype``; an int32 count), not in Equinox's private state indices.
 
     Args:
       input_size: the number of channels.
@@ -72,11 +80,12 @@ class BatchNorm(eqx.nn.StatefulLayer):
         True uses the running ones. Set by ``eqx.nn.inference_mode``,
         overridden at call time.
       dtype: dtype of ``weight`` and ``bias`` (default float32).
-      mode: ``"batch"``; accepted for Equinox's signature. ``"ema"``
-        (normalizing training batches with a running average) is refused.
-      warmup: whether the running-average decay warms up (jaxbn's default).
+      mode: None (jaxbn's running averages) or ``"batch"`` (Equinox's), see
+        above; ``"ema"`` and ``"legacy"`` are refused.
+      warmup: whether the running-average decay warms up; default on, except
+        with ``mode="batch"`` or ``momentum=None``.
       running_var, renorm, rmax, dmax, renorm_momentum, virtual_batch_size,
-        eval_mode, zero_masked: the core's training-time variants, see
+        eval_mode, zero_masked, debias: the core's training-time variants, see
         :func:`jaxbn.batch_norm` (renorm adds ``renorm_mean`` and
         ``renorm_std`` to the state's statistics).
 
@@ -112,8 +121,9 @@ class BatchNorm(eqx.nn.StatefulLayer):
     input_size: int = eqx.field(static=True)
     eps: float = eqx.field(static=True)
     channelwise_affine: bool = eqx.field(static=True)
-    momentum: float = eqx.field(static=True)
+    momentum: float | None = eqx.field(static=True)
     warmup: bool = eqx.field(static=True)
+    mode: str | None = eqx.field(static=True)
     running_var: str = eqx.field(static=True)
     renorm: bool = eqx.field(static=True)
     rmax: Any = eqx.field(static=True)
@@ -122,6 +132,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
     virtual_batch_size: int | None = eqx.field(static=True)
     eval_mode: str = eqx.field(static=True)
     zero_masked: bool = eqx.field(static=True)
+    debias: str | None = eqx.field(static=True)
     config: BatchNormConfig = eqx.field(static=True)
 
     def __init__(
@@ -130,12 +141,12 @@ class BatchNorm(eqx.nn.StatefulLayer):
         axis_name: Hashable | Sequence[Hashable] | None = None,
         eps: float = 1e-5,
         channelwise_affine: bool = True,
-        momentum: float = 0.99,
+        momentum: float | None = 0.99,
         inference: bool = False,
         dtype: Any = None,
-        mode: str = "batch",
+        mode: str | None = None,
         *,
-        warmup: bool = True,
+        warmup: bool | None = None,
         running_var: str = "biased",
         renorm: bool = False,
         rmax: Any = None,
@@ -144,13 +155,15 @@ class BatchNorm(eqx.nn.StatefulLayer):
         virtual_batch_size: int | None = None,
         eval_mode: str = "running",
         zero_masked: bool = False,
+        debias: str | None = None,
     ):
         _check_equinox_options(input_size, mode)
+        mode, warmup, debias = _resolve_mode(mode, warmup, debias, locals())
         dtype = check_float_dtype("dtype", dtype, allow_none=True)
         dtype = jnp.float32 if dtype is None else dtype
         self.input_size, self.eps, self.momentum = input_size, eps, momentum
         self.axis_name = tuple(axis_name) if isinstance(axis_name, list) else axis_name
-        self.channelwise_affine, self.warmup = bool(channelwise_affine), bool(warmup)
+        self.channelwise_affine, self.mode = bool(channelwise_affine), mode
         self.inference = inference
         self.running_var, self.renorm, self.rmax, self.dmax = (
             running_var,
@@ -163,18 +176,19 @@ class BatchNorm(eqx.nn.StatefulLayer):
             virtual_batch_size,
         )
         self.eval_mode, self.zero_masked = eval_mode, zero_masked
+        self.debias = debias
         self.config = pipeline.adapter_config(  # checks the hyperparameters now
             axis=0 if self.axis_name is not None else 1,
             momentum=momentum,
             epsilon=eps,
             center=self.channelwise_affine,
             scale=self.channelwise_affine,
-            warmup=self.warmup,
+            warmup=warmup,
             axis_name=self.axis_name,
             param_dtype=dtype,
-            allow_one_value=False,
             variants=self,
         )
+        self.warmup = bool(self.config.warmup)
         affine = self.channelwise_affine
         self.weight = jnp.ones((input_size,), dtype) if affine else None
         self.bias = jnp.zeros((input_size,), dtype) if affine else None
@@ -225,7 +239,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
         params = {}
         if self.weight is not None and self.bias is not None:
             params = {"scale": self.weight, "bias": self.bias}
-        stats = state.get(self.state_index)
+        stats = dict(state.get(self.state_index))
         current = pipeline.AdapterStats(
             stats["mean"],
             stats["var"],
@@ -233,11 +247,16 @@ class BatchNorm(eqx.nn.StatefulLayer):
             stats.get("renorm_mean"),
             stats.get("renorm_std"),
         )
-        dtype = jnp.result_type(x.dtype, self.config.param_dtype)
+        dtype = pipeline.promoted_dtype(x.dtype, self.config.param_dtype)
         call = pipeline.CallArgs(mask, weights, scale, offset)
-        y, new = pipeline.normalize(self.config, x, train, params, current, call, dtype)
-        if train is not False:
+        if self.mode == "ema":
+            y, updated = _ema(self, x, train, params, stats, call, dtype)
+        else:
+            y, new = pipeline.normalize(
+                self.config, x, train, params, current, call, dtype
+            )
             updated = {k: v for k, v in new._asdict().items() if v is not None}
+        if train is not False:
             state = state.set(self.state_index, updated)
         return y, state
 
@@ -248,10 +267,108 @@ def _check_equinox_options(input_size: Any, mode: Any) -> None:
         raise TypeError(f"input_size must be an int, got {input_size!r}.")
     if input_size < 1:
         raise ValueError(f"input_size={input_size} must be at least 1.")
-    if mode == "ema":
-        raise ValueError(_EMA)
-    if mode not in ("batch", "legacy"):
-        raise ValueError(f"mode={mode!r} is not valid; use mode='batch'.")
+    if mode not in (None, "batch", "ema", "legacy"):
+        raise ValueError(
+            f"mode={mode!r} is not valid; use mode='batch' or 'ema' (Equinox's "
+            "maths) or leave it unset (jaxbn's warm-up)."
+        )
+
+
+def _resolve_mode(mode: Any, warmup: Any, debias: Any, given: dict) -> tuple:
+    """``(mode, warmup, debias)`` for Equinox's modes ("legacy" is "ema")."""
+    mode = "ema" if mode == "legacy" else mode  # as Equinox reads it
+    if mode == "batch":  # Equinox's maths: a debiased plain average
+        warmup, debias = _equinox_batch_mode(warmup, debias)
+    if mode == "ema":  # Equinox's maths: training mixes in the average
+        warmup = _equinox_ema_mode(warmup, given["momentum"], given)
+    return mode, warmup, debias
+
+
+def _equinox_batch_mode(warmup: Any, debias: Any) -> tuple[bool, str]:
+    """``mode="batch"``: no warm-up, mean and variance debiased, as Equinox."""
+    if warmup or debias not in (None, "mean_and_var"):
+        raise ValueError(
+            f"mode='batch' is Equinox's zero-debiased moving average (warmup="
+            f"False, debias='mean_and_var'), but warmup={warmup!r} and debias="
+            f"{debias!r} were given; leave mode unset for jaxbn's warm-up, or "
+            "drop these options."
+        )
+    return False, "mean_and_var"
+
+
+_EMA_EXCLUDES = (
+    "running_var",
+    "renorm",
+    "rmax",
+    "dmax",
+    "renorm_momentum",
+    "virtual_batch_size",
+    "eval_mode",
+    "zero_masked",
+    "debias",
+)
+
+
+def _equinox_ema_mode(warmup: Any, momentum: Any, given: dict) -> bool:
+    """``mode="ema"``: a plain average, and none of the core's variants."""
+    variants = [k for k in _EMA_EXCLUDES if given[k] != pipeline.VARIANTS[k]]
+    if warmup or variants or momentum is None or momentum == 1.0:
+        raise ValueError(
+            f"mode='ema' is Equinox's legacy batch norm, matched exactly: a "
+            f"plain moving average with momentum in [0, 1), without the core's "
+            f"variants; got warmup={warmup!r}, momentum={momentum!r} and "
+            f"{variants or 'no variants'}. Leave mode unset to use them."
+        )
+    return False
+
+
+def _ema(
+    module: BatchNorm,
+    x: jax.Array,
+    train: bool | jax.Array,
+    params: dict,
+    stats: dict,
+    call: pipeline.CallArgs,
+    dtype: Any,
+) -> tuple[jax.Array, dict]:
+    """Equinox's ``mode="ema"``: training normalizes with the updated average.
+
+    The first training step takes the batch's statistics; each later one
+    ``momentum * running + (1 - momentum) * batch`` (gradients flow through
+    the batch's part), which it also stores. Built from the one statistics
+    helper and the one normalize helper.
+    """
+    if any(a is not None for a in call):
+        raise ValueError(
+            "mode='ema' takes no mask, weights, scale or offset at call time; "
+            "leave mode unset to use them."
+        )
+    config = module.config
+    geo = config.geometry(x)
+    gamma, beta = (params.get(k) for k in ("scale", "bias"))
+    gamma = None if gamma is None else gamma.reshape(geo.kept)
+    beta = None if beta is None else beta.reshape(geo.kept)
+    out = x.dtype if jnp.issubdtype(dtype, jnp.complexfloating) else dtype
+
+    def training(stats: dict) -> tuple[jax.Array, dict]:
+        m = batch_moments(x, geo.reduction_axes, None, config.axis_name)
+        d = jnp.where(stats["count"] > 0, jnp.float32(config.momentum), 0.0)
+        mean = d * stats["mean"] + (1.0 - d) * m.mean.reshape(geo.feature_shape)
+        var = d * stats["var"] + (1.0 - d) * m.var.reshape(geo.feature_shape)
+        kept = (mean.reshape(geo.kept), var.reshape(geo.kept))
+        y = normalize(x, *kept, gamma, beta, config.epsilon, out)
+        new = {"mean": mean, "var": var, "count": stats["count"] + 1}
+        return y, jax.tree.map(lax.stop_gradient, new)
+
+    def evaluation(stats: dict) -> tuple[jax.Array, dict]:
+        kept = (stats["mean"].reshape(geo.kept), stats["var"].reshape(geo.kept))
+        return normalize(x, *kept, gamma, beta, config.epsilon, out), stats
+
+    if isinstance(train, bool):
+        y, new = training(stats) if train else evaluation(stats)
+    else:
+        y, new = lax.cond(train, training, evaluation, stats)
+    return y.astype(dtype), new
 
 
 def _check_layout(module: BatchNorm, x: Any) -> None:

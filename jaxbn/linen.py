@@ -89,7 +89,7 @@ class BatchNorm(nn.Module):
         None means on, except with ``momentum=None`` or ``1.0`` (as in
         :func:`jaxbn.batch_norm`).
       running_var, renorm, rmax, dmax, renorm_momentum, virtual_batch_size,
-        eval_mode, zero_masked: the core's training-time variants, see
+        eval_mode, zero_masked, debias: the core's training-time variants, see
         :func:`jaxbn.batch_norm` (renorm adds ``renorm_mean`` and
         ``renorm_std`` to ``batch_stats``; ``momentum=None`` and renorm keep a
         ``count`` even with ``warmup=False``).
@@ -137,6 +137,7 @@ class BatchNorm(nn.Module):
     virtual_batch_size: int | None = None
     eval_mode: str = "running"
     zero_masked: bool = False
+    debias: str | None = None
 
     @nn.compact
     def __call__(
@@ -194,7 +195,7 @@ class BatchNorm(nn.Module):
         }
         out_dtype = self.dtype
         if out_dtype is None:  # Flax's promotion of x with the params
-            out_dtype = jnp.result_type(x, *params.values())
+            out_dtype = pipeline.promoted_dtype(x, *params.values())
         call = pipeline.CallArgs(mask, weights, scale, offset)
         stats = pipeline.AdapterStats(**values)
         y, new = pipeline.normalize(config, x, train, params, stats, call, out_dtype)

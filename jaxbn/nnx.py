@@ -90,7 +90,7 @@ class BatchNorm(nnx.Module):
         None means on, except with ``momentum=None`` or ``1.0`` (as in
         :func:`jaxbn.batch_norm`).
       running_var, renorm, rmax, dmax, renorm_momentum, virtual_batch_size,
-        eval_mode, zero_masked: the core's training-time variants, see
+        eval_mode, zero_masked, debias: the core's training-time variants, see
         :func:`jaxbn.batch_norm` (renorm adds the ``renorm_mean`` and
         ``renorm_std`` batch statistics; ``momentum=None`` and renorm keep a
         ``count`` even with ``warmup=False``).
@@ -154,6 +154,7 @@ class BatchNorm(nnx.Module):
         virtual_batch_size: int | None = None,
         eval_mode: str = "running",
         zero_masked: bool = False,
+        debias: str | None = None,
     ):
         self.num_features, self.use_running_average = num_features, use_running_average
         self.axis, self.momentum, self.epsilon = axis, momentum, epsilon
@@ -165,6 +166,7 @@ class BatchNorm(nnx.Module):
         self.renorm, self.rmax, self.dmax = renorm, rmax, dmax
         self.renorm_momentum = renorm_momentum
         self.virtual_batch_size, self.zero_masked = virtual_batch_size, zero_masked
+        self.debias = debias
         # Checks the hyperparameters now, once.
         self.config: BatchNormConfig = pipeline.adapter_config(
             axis=axis,
@@ -315,7 +317,10 @@ def _output_dtype(
         return jnp.zeros((), dtype)
 
     args = (x, stats.mean, stats.var, params.get("scale"), params.get("bias"))
-    return jax.eval_shape(promoted, args).dtype
+    # Flax's promote_dtype under the standard rule, also when the caller runs
+    # under jax.numpy_dtype_promotion("strict") (see pipeline.promoted_dtype).
+    with jax.numpy_dtype_promotion("standard"):
+        return jax.eval_shape(promoted, args).dtype
 
 
 def _store(variable: nnx.BatchStat, value: jax.Array) -> None:

@@ -181,8 +181,8 @@ def test_no_affine_and_dtypes():
 
 
 def test_errors():
-    with pytest.raises(ValueError, match="mode='ema'"):
-        jaxbn.equinox.BatchNorm(3, "batch", mode="ema")
+    with pytest.raises(ValueError, match="mode='ema' is Equinox's legacy"):
+        jaxbn.equinox.BatchNorm(3, "batch", mode="ema", momentum=None)
     with pytest.raises(ValueError, match="mode='x' is not valid"):
         jaxbn.equinox.BatchNorm(3, mode="x")
     with pytest.raises(TypeError, match="input_size must be an int"):
@@ -190,7 +190,9 @@ def test_errors():
     with pytest.raises(ValueError, match="at least 1"):
         jaxbn.equinox.BatchNorm(0)
     with pytest.raises(ValueError, match="momentum"):
-        jaxbn.equinox.BatchNorm(3, momentum=1.0)
+        jaxbn.equinox.BatchNorm(3, momentum=1.0, warmup=True)
+    with pytest.raises(ValueError, match="mode='batch' is Equinox's"):
+        jaxbn.equinox.BatchNorm(3, mode="batch", warmup=True)
     with pytest.raises(TypeError, match="dtype"):
         jaxbn.equinox.BatchNorm(3, dtype=jnp.int32)
     bn, state = eqx.nn.make_with_state(jaxbn.equinox.BatchNorm)(3)
@@ -200,8 +202,9 @@ def test_errors():
         ValueError, match=r"\(batch, input_size, \.\.\.\) with input_size=3"
     ):
         bn(jnp.ones((4, 5)), state)
-    with pytest.raises(ValueError, match="at least 2"):
-        bn(jnp.ones((1, 3)), state)
+    # A batch of one normalizes to the bias, as in Equinox (and Flax).
+    y, state = bn(jnp.full((1, 3), 7.0), state)
+    assert jnp.array_equal(y, jnp.zeros((1, 3)))
     per_example, state = eqx.nn.make_with_state(jaxbn.equinox.BatchNorm)(3, "batch")
     with pytest.raises(ValueError, match=r"\(input_size, \.\.\.\) with input_size=3"):
         _per_example(per_example, state, jnp.ones((4, 5)))

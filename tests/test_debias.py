@@ -1,0 +1,69 @@
+"""``debias``: evaluation with zero-debiased running averages.
+
+Against a NumPy float64 reference of a plain moving average started at mean
+0, var 1 and divided by ``1 - momentum**count`` (the mean only for "mean",
+TensorFlow's ``zero_debias_moving_mean``; both for "mean_and_var", Equinox's
+``mode="batch"``). Training outputs and the stored statistics are those of
+``debias=None``; float32 against float64 over 3 steps: 1e-5.
+"""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxbn
+
+
+def batches():
+    rng = np.random.default_rng(0)
+    return [
+        (k + (1 + k) * rng.standard_normal((16, 2))).astype(np.float32)
+        for k in range(3)
+    ]
+
+
+@pytest.mark.parametrize("debias", ["mean", "mean_and_var"])
+def test_evaluation_divides_by_one_minus_momentum_to_the_count(debias):
+    m = 0.9
+    layer = jaxbn.batch_norm(momentum=m, warmup=False, debias=debias)
+    plain = jaxbn.batch_norm(momentum=m, warmup=False)
+    params, stats = layer.init(jnp.zeros((16, 2)))
+    _, plain_stats = plain.init(jnp.zeros((16, 2)))
+    mean, var = np.zeros(2), np.ones(2)
+    for x in batches():
+        y, stats = layer.apply(params, stats, jnp.asarray(x), train=True)
+        y_plain, plain_stats = plain.apply(
+            params, plain_stats, jnp.asarray(x), train=True
+        )
+        np.testing.assert_array_equal(y, y_plain)
+        x64 = x.astype(np.float64)
+        mean = m * mean + (1 - m) * x64.mean(0)
+        var = m * var + (1 - m) * x64.var(0)
+    for key in ("mean", "var", "count"):
+        np.testing.assert_array_equal(stats[key], plain_stats[key])
+    factor = 1 - m**3
+    want_mean = mean / factor
+    want_var = var / factor if debias == "mean_and_var" else var
+    x = batches()[0]
+    y, _ = layer.apply(params, stats, jnp.asarray(x), train=False)
+    want = (x - want_mean) / np.sqrt(want_var + 1e-5)
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+
+
+def test_no_update_yet_means_no_division():
+    layer = jaxbn.batch_norm(momentum=0.9, warmup=False, debias="mean_and_var")
+    params, stats = layer.init(jnp.zeros((4, 2)))
+    x = jnp.asarray(batches()[1][:4])
+    y, _ = layer.apply(params, stats, x, train=False)
+    np.testing.assert_allclose(y, x / jnp.sqrt(1 + 1e-5), rtol=1e-6)
+
+
+def test_debias_errors_say_what_to_pass():
+    with pytest.raises(
+        ValueError, match="needs a momentum in \\[0, 1\\) and warmup=False"
+    ):
+        jaxbn.batch_norm(debias="mean")  # warm-up is on by default
+    with pytest.raises(ValueError, match="needs a momentum"):
+        jaxbn.batch_norm(momentum=None, debias="mean")
+    with pytest.raises(ValueError, match="debias='both' is not known"):
+        jaxbn.batch_norm(warmup=False, debias="both")
