@@ -12,7 +12,7 @@ feature, so it can be merged into the layer's kernel and bias:
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -21,6 +21,7 @@ import numpy as np
 
 from ._hyperparams import check_axis_spec, check_epsilon
 from ._inputs import normalize_axes
+from ._record import linen_norms
 from ._trees import is_nnx_module, replace_layers
 
 
@@ -68,6 +69,9 @@ def fold_kernel(
       ValueError: if the statistics do not have one entry per output feature,
         or epsilon is not positive and finite (the layer's rule).
       TypeError: if epsilon is not a float.
+      ValueError: for linen without ``epsilon`` nor ``module`` and ``x`` (or
+        with both), for nnx with ``epsilon``, or a pair whose batch norm the
+        module does not call.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -129,7 +133,10 @@ def _get(tree: Mapping[str, Any], path: tuple, what: str) -> Mapping[str, Any]:
 
 
 def _fold_tree(
-    variables: Mapping[str, Any], pairs: Any, epsilon: float, remove: bool
+    variables: Mapping[str, Any],
+    pairs: Any,
+    epsilon: Callable[[tuple], float],
+    remove: bool,
 ) -> dict[str, Any]:
     for c in ("params", "batch_stats"):
         if c not in variables:
@@ -151,8 +158,9 @@ def _fold_tree(
         except ValueError:
             bn_params = {}  # use_scale=False and use_bias=False
         has_bias = layer.get("bias") is not None
+        eps = epsilon(bn_path)
         kernel, bias = fold_kernel(
-            layer["kernel"], layer.get("bias"), bn_params, bn_stats, epsilon=epsilon
+            layer["kernel"], layer.get("bias"), bn_params, bn_stats, epsilon=eps
         )
         new_layer = {**layer, "kernel": kernel}
         if has_bias or remove:
@@ -166,7 +174,7 @@ def _fold_tree(
             continue
         mean = jnp.asarray(bn_stats["mean"])
         zero = jnp.zeros(mean.shape, mean.dtype)
-        one = jnp.full(mean.shape, identity_var(epsilon), mean.dtype)
+        one = jnp.full(mean.shape, identity_var(eps), mean.dtype)
         ident = {**bn_stats, "mean": zero, "var": one}
         ident_params = {
             k: (jnp.ones_like if k == "scale" else jnp.zeros_like)(v)
@@ -240,7 +248,10 @@ def fold(
     model: Any,
     pairs: Sequence[tuple[Any, Any]],
     *,
-    epsilon: float = 1e-5,
+    epsilon: float | None = None,
+    module: Any = None,
+    x: Any = None,
+    module_kwargs: Mapping[str, Any] | None = None,
     remove: bool = False,
 ) -> Any:
     """Folds each batch norm into the Dense or Conv before it, for inference.
@@ -255,7 +266,17 @@ def fold(
       pairs: ``(layer, batch_norm)`` pairs: linen module names or paths
         (``"Conv_0"``, ``"Block_0/Conv_0"`` or tuples); for nnx, the modules
         themselves or their attribute paths (``"block/conv"``, ``"layers/0"``).
-      epsilon: the batch norms' epsilon (linen; nnx layers carry theirs).
+      epsilon: linen: the batch norms' epsilon, if ``module`` is not given;
+        nnx layers carry theirs (pass none). There is no default: a wrong
+        epsilon gives wrong outputs silently.
+      module: linen: the model (a ``flax.linen.Module``), with ``x``, to read
+        each batch norm's own epsilon (``jaxbn.linen.BatchNorm`` and
+        ``flax.linen.BatchNorm``) instead of passing ``epsilon``.
+      x: an example input of ``module`` (or a ``jax.ShapeDtypeStruct``); the
+        model is traced once with ``jax.eval_shape``, its batch norms
+        skipped.
+      module_kwargs: keyword arguments of that call, e.g. ``{"train":
+        False}``.
       remove: linen only. False (default) returns variables for the same
         model definition: the layer's kernel (and bias, if it has one) absorb
         the batch norm, which becomes the identity (scale 1, mean 0, var such
@@ -273,6 +294,9 @@ def fold(
       ValueError: if a name is not found, a layer has no kernel, the features
         do not match, or epsilon is not positive and finite (the layer's rule).
       TypeError: if epsilon is not a float.
+      ValueError: for linen without ``epsilon`` nor ``module`` and ``x`` (or
+        with both), for nnx with ``epsilon``, or a pair whose batch norm the
+        module does not call.
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -287,12 +311,16 @@ def fold(
       >>> variables = Net().init(jax.random.key(0), x)
       >>> stats = {"mean": jnp.array([1.0, 2, 3]), "var": jnp.array([4.0, 1, 9])}
       >>> variables["batch_stats"]["bn"].update(stats)
-      >>> folded = jaxbn.fold(variables, [("dense", "bn")])
+      >>> folded = jaxbn.fold(variables, [("dense", "bn")], module=Net(), x=x)
       >>> bool(jnp.allclose(Net().apply(folded, x), Net().apply(variables, x)))
       True
     """
-    epsilon = check_epsilon(epsilon)
     if is_nnx_module(model):
+        if epsilon is not None or module is not None:
+            raise ValueError(
+                "fold reads each nnx batch norm's own epsilon; drop epsilon= and "
+                "module=."
+            )
         _fold_nnx(model, pairs)
         return None
     if not isinstance(model, Mapping):
@@ -300,4 +328,35 @@ def fold(
             f"fold takes a linen variable dict or an nnx model, got "
             f"{type(model).__name__}."
         )
-    return _fold_tree(model, pairs, epsilon, bool(remove))
+    epsilons = _epsilons(model, epsilon, module, (x, dict(module_kwargs or {})))
+    return _fold_tree(model, pairs, epsilons, bool(remove))
+
+
+def _epsilons(
+    variables: Any, epsilon: Any, module: Any, call: tuple[Any, dict]
+) -> Callable[[tuple], float]:
+    """Each batch norm's epsilon by path: the one given, or the module's own."""
+    x, kwargs = call
+    if (epsilon is None) == (module is None or x is None):
+        raise ValueError(
+            "fold needs the batch norms' epsilon for linen variables: pass "
+            "epsilon= (e.g. 1e-5, Flax's and jaxbn's default) or module= and x= "
+            "(the model and an example input) to read each layer's own; "
+            f"got epsilon={epsilon!r}, module={type(module).__name__}, "
+            f"x={type(x).__name__}."
+        )
+    if epsilon is not None:
+        eps = check_epsilon(epsilon)
+        return lambda path: eps
+    norms = linen_norms(module, variables, x, kwargs)
+
+    def of(path: tuple) -> float:
+        name = "/".join(map(str, path))
+        if name not in norms:
+            raise ValueError(
+                f"batch norm {name!r} is not called by the module on x (it calls "
+                f"{sorted(norms)}); check the pair, or pass epsilon=."
+            )
+        return check_epsilon(norms[name].epsilon)
+
+    return of

@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import itertools
 import sys
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from ._record import (
+    axis_names,
+    bound,
     core_moments_fn,
+    linen_axis_names,
     linen_moments_fn,
     merge,
     nnx_moments_fn,
@@ -36,19 +39,33 @@ from ._trees import (
 Accumulator = dict[str, tuple[jax.Array, jax.Array, jax.Array]]  # count, mean, M2
 
 
+class _Binding(NamedTuple):
+    """How the batch norms' axis names are bound (see ``_record.bound``).
+
+    Attributes:
+      names: ``names(carry, x)``, the axis names to bind, read on the first
+        batch.
+      mesh: None (size-1 vmaps), or the mesh to ``shard_map`` the batch over.
+    """
+
+    names: Callable[[Any, Any], tuple[Hashable, ...]]
+    mesh: Any
+
+
 def _run(
     moments_fn: Callable[[Any, Any], tuple[dict[str, list[Moments]], Any]],
     carry: Any,
     shapes: dict[str, tuple[int, ...]],
     batches: Iterable[Any],
-    num_batches: int | None,
-    progress: bool,
+    options: tuple[int | None, bool, _Binding],
 ) -> tuple[Accumulator, Any, int]:
     """Merges the moments of every batch; returns (accumulator, carry, batches)."""
+    num_batches, progress, binding = options
+    fn: list[Callable] = []  # the bound moments_fn, made on the first batch
 
     @jax.jit
     def step(acc: Accumulator, carry: Any, x: Any) -> tuple[Accumulator, Any]:
-        found, carry = moments_fn(carry, x)
+        found, carry = fn[0](carry, x)
         acc = dict(acc)
         for key, moments in found.items():
             if key not in shapes:
@@ -77,6 +94,9 @@ def _run(
         it = tqdm(it, total=total, desc="recalibrate", unit="batch")
     seen = 0
     for x in it:
+        if not fn:
+            names = binding.names(carry, x)
+            fn.append(bound(moments_fn, names, binding.mesh))
         acc, carry = step(acc, carry, x)
         seen += 1
     if seen == 0:
@@ -115,6 +135,8 @@ def recalibrate(
     *,
     num_batches: int | None = None,
     progress: bool = False,
+    mesh: Any = None,
+    bind_axes: Sequence[Hashable] | None = None,
     **apply_kwargs: Any,
 ) -> Any:
     r"""Recomputes the population statistics of every batch norm (precise BN).
@@ -166,6 +188,16 @@ def recalibrate(
       variables: the linen variables, or the core ``batch_stats``; None for nnx.
       num_batches: use at most this many batches (all by default).
       progress: show a tqdm progress bar (needs tqdm).
+      mesh: None (default): batch norms that synchronize over an
+        ``axis_name`` (data-parallel models) have it bound by a size-1
+        ``vmap``, so each batch is pooled whole, on one device or sharded by
+        ``jax.jit`` (place the batches with ``jax.device_put``). A
+        ``jax.sharding.Mesh`` whose axes carry those names: each step runs
+        under ``jax.shard_map``, the batch split along axis 0 over them, as in
+        data-parallel training. Both give the same pooled statistics.
+      bind_axes: the axis names to bind; default those of the model's batch
+        norms (linen, nnx). A core ``forward`` whose ``batch_moments`` name an
+        axis needs them here.
       **apply_kwargs: keyword arguments of each call of a linen or nnx model.
 
     Returns:
@@ -192,9 +224,11 @@ def recalibrate(
       (4.0, 5.0)
     """
     _check(num_batches)
-    linen = sys.modules.get("flax.linen")
+    fixed = tuple(n for a in (bind_axes or ()) for n in axis_names(a))
     if is_nnx_module(model):
-        return _recalibrate_nnx(model, batches, num_batches, progress, apply_kwargs)
+        return _recalibrate_nnx(
+            model, batches, (num_batches, progress, mesh, fixed), apply_kwargs
+        )
     if variables is None or not isinstance(variables, Mapping):
         raise ValueError(
             f"variables must be the model's variable dict (linen) or batch_stats "
@@ -208,28 +242,32 @@ def recalibrate(
             "model's whole variable dict, e.g. from model.init."
         )
     shapes = {k: tuple(jnp.shape(layer["mean"])) for k, (_, layer) in layers.items()}
-    if linen is not None and isinstance(model, linen.Module):
-        fn = linen_moments_fn(model, apply_kwargs)
-        carry = variables
-    elif callable(model) and not apply_kwargs:
-        fn = core_moments_fn(model)
-        carry = None
-    else:
-        raise TypeError(
-            f"model must be a flax.linen or flax.nnx Module, or a function "
-            f"forward(x) returning the batch moments (without keyword arguments); "
-            f"got {type(model).__name__}."
-        )
-    acc, _, _ = _run(fn, carry, shapes, batches, num_batches, progress)
+    fn, carry, names = _tree_model(model, variables, apply_kwargs)
+    binding = _Binding((lambda c, x: fixed) if bind_axes is not None else names, mesh)
+    acc, _, _ = _run(fn, carry, shapes, batches, (num_batches, progress, binding))
     new = {p: _finish(acc, layer, k) for k, (p, layer) in layers.items()}
     if root is variables:
         return replace_layers(variables, new)
     return {**variables, "batch_stats": replace_layers(root, new)}
 
 
-def _recalibrate_nnx(
-    model: Any, batches: Any, num_batches: Any, progress: bool, kwargs: dict
-) -> None:
+def _tree_model(model: Any, variables: Any, apply_kwargs: dict) -> tuple:
+    """``(moments_fn, carry, names(carry, x))`` of a linen or core model."""
+    linen = sys.modules.get("flax.linen")
+    if linen is not None and isinstance(model, linen.Module):
+        fn = linen_moments_fn(model, apply_kwargs)
+        return fn, variables, linen_axis_names(model, apply_kwargs)
+    if callable(model) and not apply_kwargs:
+        return core_moments_fn(model), None, lambda carry, x: ()
+    raise TypeError(
+        f"model must be a flax.linen or flax.nnx Module, or a function "
+        f"forward(x) returning the batch moments (without keyword arguments); "
+        f"got {type(model).__name__}."
+    )
+
+
+def _recalibrate_nnx(model: Any, batches: Any, options: tuple, kwargs: dict) -> None:
+    num_batches, progress, mesh, fixed = options
     from flax import nnx
 
     from . import nnx as jaxbn_nnx
@@ -244,7 +282,10 @@ def _recalibrate_nnx(
     shapes = {k: tuple(m.mean.shape) for k, m in layers}
     graphdef, state = nnx.split(model)
     fn = nnx_moments_fn(graphdef, {type(m) for _, m in layers}, kwargs)
-    acc, state, _ = _run(fn, state, shapes, batches, num_batches, progress)
+    found = tuple(n for _, m in layers for n in axis_names(m.axis_name))
+    names = fixed or tuple(dict.fromkeys(found))
+    binding = _Binding(lambda carry, x: names, mesh)
+    acc, state, _ = _run(fn, state, shapes, batches, (num_batches, progress, binding))
     if not any(bool(jnp.any(acc[key][0] > 0)) for key, _ in layers):
         raise ValueError("no batch norm ran in the nnx model's forward pass.")
     for key, m in layers:

@@ -9,9 +9,10 @@ its own forward function. Each gives a ``moments_fn(carry, x) -> ({layer path:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -181,3 +182,109 @@ def nnx_moments_fn(graphdef: Any, classes: set[type], kwargs: dict) -> MomentsFn
         return found, nnx.state(copy)
 
     return fn
+
+
+def axis_names(axis_name: Any) -> tuple[Hashable, ...]:
+    """The names in an ``axis_name`` (one name or a tuple of them; None: none)."""
+    if axis_name is None:
+        return ()
+    return tuple(axis_name) if isinstance(axis_name, tuple | list) else (axis_name,)
+
+
+def linen_norms(
+    model: Any, variables: Any, x: Any, kwargs: dict[str, Any]
+) -> dict[str, Any]:
+    """{layer path: module} of the batch norms a linen model calls on ``x``.
+
+    Found by tracing the model once (``jax.eval_shape``) with each batch norm
+    replaced by the identity, so that no collective runs unbound. The modules
+    are read for their static fields (``axis_name``, ``epsilon``).
+    """
+    import flax.linen as nn
+
+    from . import linen as jaxbn_linen
+
+    found: dict[str, Any] = {}
+
+    def collect(next_fun: Callable, args: tuple, kw: dict, context: Any) -> Any:
+        module = context.module
+        norms = jaxbn_linen.BatchNorm | nn.BatchNorm
+        if context.method_name == "__call__" and isinstance(module, norms):
+            found[path_name(module.path)] = module
+            return args[0] if args else kw["x"]
+        return next_fun(*args, **kw)
+
+    def run(variables: Any, x: Any) -> None:
+        with nn.intercept_methods(collect):
+            model.apply(variables, x, mutable=True, **kwargs)
+
+    jax.eval_shape(run, variables, x)
+    return found
+
+
+def linen_axis_names(model: Any, kwargs: dict[str, Any]) -> Callable:
+    """``names(variables, x)``: the axis names the model's batch norms use."""
+
+    def names(variables: Any, x: Any) -> tuple[Hashable, ...]:
+        norms = linen_norms(model, variables, x, kwargs).values()
+        return tuple(dict.fromkeys(n for m in norms for n in axis_names(m.axis_name)))
+
+    return names
+
+
+def bound(fn: MomentsFn, names: tuple[Hashable, ...], mesh: Any) -> MomentsFn:
+    """``fn`` with the batch norms' axis names bound, so that they pool across them.
+
+    Without ``mesh`` each name is bound by a ``jax.vmap`` of size 1: the step
+    sees the whole batch, on one device or sharded by ``jax.jit`` (whose
+    reductions are global). With ``mesh``, the step runs under
+    ``jax.shard_map`` with the batch split along axis 0 over the mesh axes of
+    those names, as in data-parallel training.
+    """
+    if not names:
+        return fn
+    if mesh is not None:
+        return _sharded(fn, names, mesh)
+
+    def mapped(carry: Any, x: Any) -> tuple[dict[str, list[Moments]], Any]:
+        g = fn
+        for name in names:
+            g = jax.vmap(g, in_axes=(None, 0), axis_name=name)
+        for _ in names:
+            x = jax.tree.map(lambda a: jnp.expand_dims(a, 0), x)
+        out = g(carry, x)
+        return jax.tree.map(lambda a: jnp.squeeze(a, range(len(names))), out)
+
+    return mapped
+
+
+def _sharded(fn: MomentsFn, names: tuple[Hashable, ...], mesh: Any) -> MomentsFn:
+    from jax.sharding import PartitionSpec as P
+
+    missing = [n for n in names if n not in mesh.axis_names]
+    if missing:
+        raise ValueError(
+            f"the batch norms synchronize over {list(names)} but the mesh has "
+            f"axes {list(mesh.axis_names)} (missing {missing}); pass a mesh "
+            "whose axes carry those names."
+        )
+    spec = P(tuple(names))
+
+    def sharded(carry: Any, x: Any) -> tuple[dict[str, list[Moments]], Any]:
+        x = jax.tree.map(lambda a: _placed(a, mesh, spec), x)
+        x_specs = jax.tree.map(lambda _: spec, x)
+        return jax.shard_map(
+            fn, mesh=mesh, in_specs=(P(), x_specs), out_specs=P(), check_vma=False
+        )(carry, x)
+
+    return sharded
+
+
+def _placed(a: jax.Array, mesh: Any, spec: Any) -> jax.Array:
+    """``a`` split along axis 0 over the mesh (Explicit or Auto axes)."""
+    from jax.sharding import AxisType, NamedSharding
+
+    sharding = NamedSharding(mesh, spec)
+    if all(t == AxisType.Explicit for t in mesh.axis_types):
+        return jax.sharding.reshard(a, sharding)
+    return jax.lax.with_sharding_constraint(a, sharding)

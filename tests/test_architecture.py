@@ -33,8 +33,8 @@ LAYERS = [
     {"_apply"},
     {"_layer", "_pipeline"},
     {"linen", "nnx", "equinox", "interop"},
-    {"_describe", "_fold", "_record"},
-    {"_recalibrate"},
+    {"_describe", "_record"},
+    {"_fold", "_recalibrate"},
     {"__init__"},
 ]
 LAYER_OF = {name: i for i, names in enumerate(LAYERS) for name in names}

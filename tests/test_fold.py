@@ -177,7 +177,7 @@ def test_linen_nested_paths():
         ("Block_0/Conv_0", "Block_0/BatchNorm_0"),
         (("Dense_0",), ("BatchNorm_0",)),
     ]
-    folded = jaxbn.fold(variables, pairs)
+    folded = jaxbn.fold(variables, pairs, module=model, x=x)
     assert_close(model.apply(folded, x), model.apply(variables, x))
 
 
@@ -236,11 +236,11 @@ def test_nnx_in_place(kind, bias, by_name):
 def test_errors():
     _, variables, _ = linen_setup("dense", True)
     with pytest.raises(ValueError, match="'convo' not found.*holds"):
-        jaxbn.fold(variables, [("convo", "bn")])
+        jaxbn.fold(variables, [("convo", "bn")], epsilon=1e-5)
     with pytest.raises(ValueError, match="has no kernel"):
-        jaxbn.fold(variables, [("bn", "bn")])
+        jaxbn.fold(variables, [("bn", "bn")], epsilon=1e-5)
     with pytest.raises(ValueError, match="no 'batch_stats'"):
-        jaxbn.fold({"params": variables["params"]}, [("layer", "bn")])
+        jaxbn.fold({"params": variables["params"]}, [("layer", "bn")], epsilon=1e-5)
     with pytest.raises(ValueError, match="epsilon must be a positive finite"):
         jaxbn.fold(variables, [("layer", "bn")], epsilon=0.0)
     with pytest.raises(TypeError, match="epsilon must be a positive Python float"):
@@ -271,7 +271,7 @@ def test_flax_batch_norms_fold_too():
     variables: Any = Net().init(jax.random.key(0), x)
     variables["batch_stats"]["bn"].update(mean=bn["mean"], var=bn["var"])
     variables["params"]["bn"].update(scale=bn["scale"], bias=bn["bias"])
-    folded = jaxbn.fold(variables, [("conv", "bn")])
+    folded = jaxbn.fold(variables, [("conv", "bn")], module=Net(), x=x)
     assert_close(Net().apply(folded, x), Net().apply(variables, x))
 
     class NnxNet(nnx.Module):
@@ -289,3 +289,31 @@ def test_flax_batch_norms_fold_too():
     jaxbn.fold(model, [(model.conv, model.bn)])
     assert_close(model(x), expected)
     assert_close(model.conv(x), expected)
+
+
+def test_linen_epsilon_is_read_from_the_module_or_required():
+    # The pair's batch norm has epsilon=1e-3: folding with the default 1e-5
+    # would give wrong outputs, so fold has no default for linen variables.
+    model, variables, x = linen_setup("conv", True)
+    folded = jaxbn.fold(variables, [("layer", "bn")], module=model, x=x)
+    assert_close(model.apply(folded, x), model.apply(variables, x))
+    wrong = jaxbn.fold(variables, [("layer", "bn")], epsilon=1e-5)
+    wrong_y, y = model.apply(wrong, x), model.apply(variables, x)
+    assert not np.allclose(np.asarray(wrong_y), np.asarray(y), atol=1e-4)  # pyright: ignore
+    with pytest.raises(ValueError, match="pass epsilon= .* or module= and x="):
+        jaxbn.fold(variables, [("layer", "bn")])
+    with pytest.raises(ValueError, match="pass epsilon= .* or module= and x="):
+        jaxbn.fold(variables, [("layer", "bn")], epsilon=1e-3, module=model, x=x)
+    # A ShapeDtypeStruct is enough: the model is only traced.
+    spec = jax.ShapeDtypeStruct(x.shape, x.dtype)
+    again = jaxbn.fold(variables, [("layer", "bn")], module=model, x=spec)
+    assert_close(model.apply(again, x), model.apply(variables, x))
+
+
+def test_nnx_layers_carry_their_epsilon():
+    model = nnx.Sequential(
+        nnx.Linear(3, 4, rngs=nnx.Rngs(0)),
+        nnx.BatchNorm(4, use_running_average=True, epsilon=1e-2, rngs=nnx.Rngs(0)),
+    )
+    with pytest.raises(ValueError, match="drop epsilon="):
+        jaxbn.fold(model, [("layers/0", "layers/1")], epsilon=1e-2)

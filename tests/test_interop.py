@@ -362,6 +362,8 @@ def test_keras_errors():
         interop.from_keras({"moving_mean": weights[2], "kernel": weights[0]})
     with pytest.raises(TypeError, match="get_weights"):
         interop.from_keras("gamma")
+    with pytest.raises(TypeError, match="keras BatchNormalization layer"):
+        interop.from_keras(3.0)
 
 
 # --------------------------------------------------------------------- Haiku
@@ -647,3 +649,28 @@ def test_interop_imports_no_other_framework():
     )
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.strip() == "[]"
+
+
+@pytest.mark.filterwarnings(_KERAS_NUMPY_WARNING)
+def test_converters_take_the_layer_or_module_itself():
+    keras = _keras()
+    bn = keras.layers.BatchNormalization(scale=False, momentum=0.9)
+    bn.build((None, 3))
+    bn.beta.assign(_rand(3, 3))
+    bn.moving_mean.assign(_rand(4, 3))
+    from_layer = interop.from_keras(bn)  # no get_weights(), no guessing
+    _assert_same(from_layer, interop.from_keras({v.name: v for v in bn.weights}))
+    assert sorted(from_layer[0]) == ["bias"]
+    params, stats = _random_variables(3, count=CONVERGED)
+    del params["scale"]
+    interop.to_keras(params, stats, layer=bn)
+    _assert_same(interop.from_keras(bn), (params, stats))
+    with pytest.raises(TypeError, match="keras BatchNormalization layer"):
+        interop.to_keras(params, stats, layer=object())
+    torch = pytest.importorskip("torch")
+    module = torch.nn.BatchNorm1d(3)
+    with torch.no_grad():
+        module.running_mean.copy_(torch.arange(3.0))
+    _assert_same(interop.from_torch(module), interop.from_torch(module.state_dict()))
+    model = torch.nn.Sequential(torch.nn.Linear(2, 3), module)
+    _assert_same(interop.from_torch(model, prefix="1."), interop.from_torch(module))

@@ -1,15 +1,17 @@
 """Moving batch-norm weights between jaxbn and other frameworks.
 
 Each ``from_X`` returns jaxbn's ``(params, batch_stats)`` for one layer and each
-``to_X`` writes them back in X's layout. The converters read plain arrays and
-dicts (PyTorch tensors, Keras and NNX variables through duck typing), so none
-of these frameworks is needed to import this module.
+``to_X`` writes them back in X's layout. The converters take what a user has at
+hand: the layer or module itself (a PyTorch module, a Keras layer, an Equinox
+or NNX module) or its arrays (a ``state_dict``, ``layer.get_weights()``, linen
+and Haiku dicts), read through duck typing, so none of these frameworks is
+needed to import this module.
 
 ===============  ==========================================  =====================
 framework        from                                        to
 ===============  ==========================================  =====================
-PyTorch          ``from_torch(state_dict, prefix=)``         ``to_torch`` (dict)
-Keras 3          ``from_keras(layer.get_weights())``         ``to_keras`` (list)
+PyTorch          ``from_torch(module, prefix=)``             ``to_torch`` (dict)
+Keras 3          ``from_keras(layer)``                       ``to_keras(layer=)``
 Haiku            ``from_haiku(params, state, name=)``        ``to_haiku``
 Equinox          ``from_equinox(module, state)``             ``to_equinox``
 Flax linen/NNX   ``from_flax(variables or module)``          ``to_flax``

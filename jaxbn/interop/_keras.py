@@ -19,7 +19,7 @@ _RENORM = ("moving_stddev", "renorm_mean", "renorm_stddev")
 
 
 def from_keras(
-    weights: Sequence[Any] | Mapping[str, Any], *, count: int = CONVERGED_COUNT
+    weights: Any, *, count: int = CONVERGED_COUNT
 ) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
     """Jaxbn ``(params, batch_stats)`` from a Keras 3 ``BatchNormalization``.
 
@@ -33,7 +33,9 @@ def from_keras(
     jaxbn's ``1e-5``).
 
     Args:
-      weights: ``layer.get_weights()``, the list ``[gamma, beta, moving_mean,
+      weights: the ``keras.layers.BatchNormalization`` layer itself (its
+        variables are read by name, whatever its ``scale`` and ``center``),
+        or ``layer.get_weights()``, the list ``[gamma, beta, moving_mean,
         moving_variance]`` (``gamma`` absent with ``scale=False``, ``beta``
         with ``center=False``; a 3-element list is ambiguous and needs a dict),
         or a dict by name, e.g. ``{v.name: v for v in layer.weights}``
@@ -57,6 +59,8 @@ def from_keras(
       >>> sorted(params), stats["mean"]
       (['bias', 'scale'], Array([0.5, 1. ], dtype=float32))
     """
+    if _is_layer(weights):  # a BatchNormalization layer: its variables by name
+        weights = {v.name: v for v in weights.weights}
     if isinstance(weights, Mapping):
         named = {str(k).rsplit("/", 1)[-1]: v for k, v in weights.items()}
         renorm = sorted(set(named) & set(_RENORM))
@@ -99,14 +103,15 @@ def from_keras(
             )
     else:
         raise TypeError(
-            "weights must be layer.get_weights() (a list of arrays) or a dict by "
-            f"name, got {type(weights).__name__}."
+            "weights must be a keras BatchNormalization layer, "
+            "layer.get_weights() (a list of arrays) or a dict by name, got "
+            f"{type(weights).__name__}."
         )
     return jaxbn_variables(*values, count=count, names=_NAMES)
 
 
 def to_keras(
-    params: Mapping[str, Any], batch_stats: Mapping[str, Any]
+    params: Mapping[str, Any], batch_stats: Mapping[str, Any], layer: Any = None
 ) -> list[np.ndarray]:
     """Keras 3 ``BatchNormalization`` weights, for ``layer.set_weights(...)``.
 
@@ -118,9 +123,11 @@ def to_keras(
     Args:
       params: jaxbn's ``params`` of one layer.
       batch_stats: its ``batch_stats``.
+      layer: optionally a built ``BatchNormalization`` layer to write them
+        into (``layer.set_weights``).
 
     Returns:
-      A list of NumPy arrays.
+      A list of NumPy arrays (also written into ``layer`` when given).
 
     Raises:
       ValueError: for missing statistics, unknown keys or mismatched shapes.
@@ -134,7 +141,24 @@ def to_keras(
       [[0.0, 0.0, 0.0], [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]]
     """
     scale, bias, mean, var, _ = split_jaxbn(params, batch_stats)
-    return [w for w in (scale, bias) if w is not None] + [mean, var]
+    weights = [w for w in (scale, bias) if w is not None] + [mean, var]
+    if layer is not None:
+        if not _is_layer(layer):
+            raise TypeError(
+                f"layer must be a keras BatchNormalization layer, got "
+                f"{type(layer).__name__}."
+            )
+        layer.set_weights(weights)
+    return weights
+
+
+def _is_layer(obj: Any) -> bool:
+    """Whether obj is a Keras layer (duck typing: variables and set_weights)."""
+    return (
+        hasattr(obj, "get_weights")
+        and hasattr(obj, "set_weights")
+        and hasattr(obj, "weights")
+    )
 
 
 __all__ = ["from_keras", "to_keras"]

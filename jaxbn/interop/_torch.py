@@ -18,7 +18,7 @@ _TORCH = LAYOUTS["torch"]
 
 
 def from_torch(
-    state_dict: Mapping[str, Any], *, prefix: str = "", count: int = CONVERGED_COUNT
+    state_dict: Any, *, prefix: str = "", count: int = CONVERGED_COUNT
 ) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
     """Jaxbn ``(params, batch_stats)`` from a PyTorch ``BatchNorm{1,2,3}d`` state dict.
 
@@ -39,8 +39,8 @@ def from_torch(
     values per feature in a batch).
 
     Args:
-      state_dict: ``module.state_dict()`` of one batch-norm layer, or of a whole
-        model with ``prefix`` naming the layer; values are torch tensors or
+      state_dict: a ``torch.nn.BatchNorm{1,2,3}d`` module (or a whole model,
+        with ``prefix``), or its ``state_dict()``; values are torch tensors or
         arrays.
       prefix: the layer's key prefix in ``state_dict``, e.g. ``"layer1.0.bn1."``.
       count: the ``count`` to record, an int in ``[0, 2**31 - 2]``.
@@ -68,6 +68,8 @@ def from_torch(
       >>> round(interop.momentum_from_torch(0.1), 6)  # torch's default
       0.9
     """
+    if hasattr(state_dict, "state_dict") and callable(state_dict.state_dict):
+        state_dict = state_dict.state_dict()  # a torch.nn.Module
     if not isinstance(state_dict, Mapping):
         raise TypeError(
             f"state_dict must be a mapping such as module.state_dict(), got "
