@@ -46,10 +46,13 @@ class _Binding(NamedTuple):
       names: ``names(carry, x)``, the axis names to bind, read on the first
         batch.
       mesh: None (size-1 vmaps), or the mesh to ``shard_map`` the batch over.
+      eager: bind ``names`` at once, without first tracing the model unbound
+        (they are known without tracing: nnx, or ``bind_axes``).
     """
 
     names: Callable[[Any, Any], tuple[Hashable, ...]]
     mesh: Any
+    eager: bool = False
 
 
 def _run(
@@ -61,18 +64,22 @@ def _run(
 ) -> tuple[Accumulator, Any, int]:
     """Merges the moments of every batch; returns (accumulator, carry, batches)."""
     num_batches, progress, binding = options
-    fn: list[Callable] = []  # the bound moments_fn, made on the first batch
 
-    @jax.jit
-    def step(acc: Accumulator, carry: Any, x: Any) -> tuple[Accumulator, Any]:
-        found, carry = fn[0](carry, x)
-        acc = dict(acc)
-        for key, moments in found.items():
-            if key not in shapes:
-                raise ValueError(f"batch norm {key!r} has no statistics to update.")
-            for m in moments:
-                acc[key] = merge(acc[key], m, shapes[key])
-        return acc, carry
+    def make_step(fn: Callable) -> Callable:
+        @jax.jit
+        def step(acc: Accumulator, carry: Any, x: Any) -> tuple[Accumulator, Any]:
+            found, carry = fn(carry, x)
+            acc = dict(acc)
+            for key, moments in found.items():
+                if key not in shapes:
+                    raise ValueError(f"batch norm {key!r} has no statistics to update.")
+                for m in moments:
+                    acc[key] = merge(acc[key], m, shapes[key])
+            return acc, carry
+
+        return step
+
+    step: list[Callable] = []  # made on the first batch
 
     acc: Accumulator = {}
     for key, shape in shapes.items():
@@ -94,10 +101,9 @@ def _run(
         it = tqdm(it, total=total, desc="recalibrate", unit="batch")
     seen = 0
     for x in it:
-        if not fn:
-            names = binding.names(carry, x)
-            fn.append(bound(moments_fn, names, binding.mesh))
-        acc, carry = step(acc, carry, x)
+        if not step:
+            step.append(_first_step(make_step, moments_fn, binding, (acc, carry, x)))
+        acc, carry = step[0](acc, carry, x)
         seen += 1
     if seen == 0:
         raise ValueError(
@@ -105,6 +111,28 @@ def _run(
             "(x for x, _ in train_batches)) that yields at least one."
         )
     return acc, carry, seen
+
+
+def _first_step(
+    make_step: Callable, moments_fn: Callable, binding: _Binding, args: tuple
+) -> Callable:
+    """The jitted step, with the batch norms' axis names bound if they need it.
+
+    Without a mesh, the model is first traced as it is: a model whose batch
+    norms name no axis is traced once. One that does raises NameError
+    (unbound axis name); its names are then read (``binding.names``) and bound.
+    """
+    if binding.mesh is None and not binding.eager:
+        step = make_step(moments_fn)
+        try:
+            jax.eval_shape(step, *args)
+            return step
+        except NameError as err:
+            if "axis name" not in str(err):
+                raise
+    _, carry, x = args
+    names = binding.names(carry, x)
+    return make_step(bound(moments_fn, names, binding.mesh))
 
 
 def _finish(acc: Accumulator, layer: Mapping[str, Any], key: str) -> dict[str, Any]:
@@ -243,7 +271,10 @@ def recalibrate(
         )
     shapes = {k: tuple(jnp.shape(layer["mean"])) for k, (_, layer) in layers.items()}
     fn, carry, names = _tree_model(model, variables, apply_kwargs)
-    binding = _Binding((lambda c, x: fixed) if bind_axes is not None else names, mesh)
+    if bind_axes is not None:
+        binding = _Binding(lambda c, x: fixed, mesh, eager=True)
+    else:
+        binding = _Binding(names, mesh)
     acc, _, _ = _run(fn, carry, shapes, batches, (num_batches, progress, binding))
     new = {p: _finish(acc, layer, k) for k, (p, layer) in layers.items()}
     if root is variables:
@@ -284,7 +315,7 @@ def _recalibrate_nnx(model: Any, batches: Any, options: tuple, kwargs: dict) -> 
     fn = nnx_moments_fn(graphdef, {type(m) for _, m in layers}, kwargs)
     found = tuple(n for _, m in layers for n in axis_names(m.axis_name))
     names = fixed or tuple(dict.fromkeys(found))
-    binding = _Binding(lambda carry, x: names, mesh)
+    binding = _Binding(lambda carry, x: names, mesh, eager=True)
     acc, state, _ = _run(fn, state, shapes, batches, (num_batches, progress, binding))
     if not any(bool(jnp.any(acc[key][0] > 0)) for key, _ in layers):
         raise ValueError("no batch norm ran in the nnx model's forward pass.")
