@@ -1,10 +1,13 @@
 """Root pytest configuration, shared by tests, doctests and the examples' tests.
 
 Simulates 8 CPU devices (for sharding tests) and makes implicit rank promotion an
-error, so that every broadcast in jaxbn is explicit.
+error, so that every broadcast in jaxbn is explicit. Marks the slow tier.
 """
 
 import os
+from pathlib import Path
+
+import pytest
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
@@ -12,3 +15,18 @@ import jax
 
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+# The slow tier: tests listed in tests/slow.txt (measured, see its header).
+_SLOW = {
+    line.strip()
+    for line in (Path(__file__).parent / "tests" / "slow.txt").read_text().splitlines()
+    if line.strip() and not line.startswith("#")
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Marks the tests of tests/slow.txt ``slow``: ``pytest -m "not slow"``."""
+    del config
+    for item in items:
+        if item.nodeid in _SLOW:
+            item.add_marker(pytest.mark.slow)
