@@ -155,7 +155,7 @@ class BatchNormConfig:
 
     @property
     def keeps_count(self) -> bool:
-        """Whether the count matters: for warm-up, the cumulative average, renorm.
+        """Whether the count matters (warm-up, cumulative average, renorm, debias).
 
         The Flax adapters store ``count`` only then.
         """
