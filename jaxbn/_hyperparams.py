@@ -247,8 +247,3 @@ def check_virtual_batch_size(k: Any) -> int | None:
             "the number of examples per ghost batch, e.g. 32."
         )
     return int(k)
-
-
-def check_flag(name: str, value: Any) -> bool:
-    """A boolean option (``center``, ``scale``, ...) as a Python bool."""
-    return bool(value)
