@@ -154,7 +154,8 @@ def batch_norm(
       batch_stats)`` with ``params = {"scale", "bias"}`` (param_dtype, feature
       shape; a key is absent when disabled) and ``batch_stats = {"mean": zeros,
       "var": ones, "count": 0}`` (float32 feature shape, float64 for float64
-      x, a complex mean for complex x; int32 scalar count); ``key``
+      x, a complex mean for complex x; int32 scalar count; with ``renorm``
+      also ``"renorm_mean"`` and ``"renorm_std"``); ``key``
       defaults to ``jax.random.key(0)`` and is used only by random initializers.
       ``apply(params, batch_stats, x, *, train, mask=None, weights=None,
       scale=None, offset=None)`` returns

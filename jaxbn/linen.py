@@ -2,7 +2,8 @@
 
 Replace ``nn.BatchNorm`` with ``jaxbn.linen.BatchNorm`` and keep the rest of the
 model: the same fields, the same variables (``params``: scale, bias;
-``batch_stats``: mean, var, plus jaxbn's ``count`` when ``warmup=True``) and
+``batch_stats``: mean, var, plus jaxbn's ``count`` when the layer keeps one:
+with warm-up, on by default) and
 the same ``model.apply(variables, x, mutable=['batch_stats'])``. The maths is
 :func:`jaxbn.batch_norm`'s; this module only owns the Flax variables.
 """
@@ -42,10 +43,12 @@ class BatchNorm(nn.Module):
     ``warmup``; see :func:`jaxbn.batch_norm` for the maths. Differences from
     Flax:
 
-    * ``warmup=True`` (default) warms the running-average decay up from 0.1 to
-      ``momentum`` over the first updates, which ``batch_stats['count']`` (a
+    * Warm-up (the default ``warmup=None`` turns it on, except with
+      ``momentum=None`` or ``1.0``) raises the running-average decay from 0.1
+      to ``momentum`` over the first updates, which ``batch_stats['count']`` (a
       float32 scalar, exact up to ``2**24`` updates) counts. ``warmup=False``
-      updates exactly like Flax and has exactly Flax's variables (no count).
+      updates exactly like Flax and has exactly Flax's variables (no count,
+      unless ``momentum=None``, renorm or ``debias`` needs one).
     * Statistics are always computed in float32 (or wider, for float64 or
       complex x), shifted by the running mean and re-centred when it is
       far from the batch mean (see :func:`jaxbn.batch_norm`):
@@ -289,7 +292,8 @@ def from_flax_variables(
 ) -> dict[str, Any]:
     """Variables of a model using ``flax.linen.BatchNorm``, ready for jaxbn.
 
-    Only needed with ``warmup=True`` (the default): with ``warmup=False`` the
+    Only needed when the layers keep a ``count`` (with warm-up, on by default;
+    see :attr:`jaxbn.BatchNormConfig.keeps_count`): with ``warmup=False`` the
     variables are Flax's as they are. Adds ``count`` (float32) to every
     ``batch_stats`` entry that has ``mean`` and ``var`` but no ``count``, and
     leaves everything else as it is (an existing ``count`` is kept). The

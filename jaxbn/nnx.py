@@ -3,7 +3,8 @@
 Replace ``nnx.BatchNorm`` with ``jaxbn.nnx.BatchNorm`` and keep the rest of the
 model: the same constructor, ``model.train()`` / ``model.eval()``, ``nnx.jit``
 and ``nnx.Optimizer``. The running statistics are ``nnx.BatchStat`` variables
-``mean``, ``var`` and, with ``warmup=True``, jaxbn's ``count``. The maths is
+``mean``, ``var`` and, when the layer keeps one (with warm-up, on by
+default), jaxbn's ``count``. The maths is
 :func:`jaxbn.batch_norm`'s; this module only owns the variables.
 """
 
@@ -43,11 +44,13 @@ class BatchNorm(nnx.Module):
     plus ``warmup``; see :func:`jaxbn.batch_norm` for the maths. Differences
     from Flax:
 
-    * ``warmup=True`` (default) warms the running-average decay up from 0.1 to
-      ``momentum`` over the first updates, counted by the ``count``
+    * Warm-up (the default ``warmup=None`` turns it on, except with
+      ``momentum=None`` or ``1.0``) raises the running-average decay from 0.1
+      to ``momentum`` over the first updates, counted by the ``count``
       ``nnx.BatchStat`` (a float32 scalar, exact up to ``2**24`` updates, so
       that ``nnx.grad`` of a whole module works). ``warmup=False`` updates
-      exactly like Flax and has exactly Flax's variables (no ``count``).
+      exactly like Flax and has exactly Flax's variables (no ``count``, unless
+      ``momentum=None``, renorm or ``debias`` needs one).
     * Statistics are computed from x in float32 (or wider, for float64 or
       complex x), shifted by the running mean and re-centred when it is far
       from the batch mean, whatever ``dtype``: ``use_fast_variance``
@@ -339,7 +342,9 @@ def _store(variable: nnx.BatchStat, value: jax.Array) -> None:
 def mark_converged(module: nnx.Module, count: int = CONVERGED_COUNT) -> None:
     """Marks the statistics of every ``jaxbn.nnx.BatchNorm`` in ``module`` converged.
 
-    Only layers with ``warmup=True`` have a ``count``; the others are left alone.
+    Only layers that keep a ``count`` (warm-up, ``momentum=None``, renorm or
+    ``debias``: :attr:`jaxbn.BatchNormConfig.keeps_count`) have one to set;
+    the others are left alone.
 
     Use it after loading statistics trained with ``flax.nnx.BatchNorm`` (which
     have no ``count``) into a model built with jaxbn, e.g. with
