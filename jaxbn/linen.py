@@ -85,9 +85,10 @@ class BatchNorm(nn.Module):
         synchronize statistics (not used during init, as in Flax).
       axis_index_groups: groups of ``axis_name`` indices with separate statistics.
       use_fast_variance: accepted for compatibility; jaxbn's variance is always
-        the stable two-pass one.
+        the stable one, from sums around the running mean (never
+        ``E[x**2] - E[x]**2``).
       force_float32_reductions: accepted for compatibility; jaxbn always reduces
-        in float32.
+        in float32 (float64 for float64 x).
       warmup: whether the running-average decay warms up; the default
         None means on, except with ``momentum=None`` or ``1.0`` (as in
         :func:`jaxbn.batch_norm`).

@@ -83,7 +83,8 @@ class BatchNorm(nnx.Module):
         synchronize statistics.
       axis_index_groups: groups of ``axis_name`` indices with separate statistics.
       use_fast_variance: accepted for compatibility; jaxbn's variance is always
-        the stable two-pass one.
+        the stable one, from sums around the running mean (never
+        ``E[x**2] - E[x]**2``).
       promote_dtype: Flax's dtype promotion ``(args, dtype=...) -> args`` of
         ``(x, mean, var, scale, bias)``; its dtype for x is the output dtype.
       rngs: the ``nnx.Rngs`` whose ``params`` stream initializes scale and bias.
