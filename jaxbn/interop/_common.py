@@ -47,6 +47,7 @@ LAYOUTS = {
     "flax": Layout("scale", "bias", "mean", "var"),
     "torch": Layout("weight", "bias", "running_mean", "running_var"),
     "keras": Layout("gamma", "beta", "moving_mean", "moving_variance"),
+    "tensorflow": Layout("gamma", "beta", "moving_mean", "moving_variance"),
     "equinox": Layout("weight", "bias", "mean", "var"),
 }
 
