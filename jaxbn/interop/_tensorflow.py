@@ -33,8 +33,9 @@ from ._common import CONVERGED_COUNT, LAYOUTS, as_numpy, jaxbn_variables
 _NAMES = LAYOUTS["tensorflow"]
 _RENORM = ("renorm_mean", "renorm_stddev")
 _RENORM_ALL = (*_RENORM, "renorm_mean_weight", "renorm_stddev_weight", "moving_stddev")
-# Keras's object-based checkpoints (tf.train.Checkpoint, model.save_weights)
-# end every name so; layer.weights names end in ":0".
+# Object-based checkpoints (tf.train.Checkpoint, Keras's model.save_weights)
+# end each variable's name in /.ATTRIBUTES/VARIABLE_VALUE; the names of
+# layer.weights end in ":0".
 _SUFFIX = re.compile(r"(/\.ATTRIBUTES/VARIABLE_VALUE|:\d+)$")
 
 Variables = tuple[dict[str, jax.Array], dict[str, jax.Array]]
