@@ -230,7 +230,7 @@ def from_tensorflow(
 
     Reads the variables of ``tf.contrib.layers.batch_norm``,
     ``tf.layers.batch_normalization`` or ``tf.keras.layers.BatchNormalization``
-    from a checkpoint (see the module docstring for the names): ``gamma`` and
+    from a checkpoint, the variables named ``<scope>/<name>``: ``gamma`` and
     ``beta`` become ``scale`` and ``bias`` (each absent when TensorFlow has
     none, with ``scale=False`` or ``center=False``), ``moving_mean`` and
     ``moving_variance`` become ``mean`` and ``var``, so evaluation computes
@@ -240,7 +240,8 @@ def from_tensorflow(
     decay. Build the layer with ``momentum=decay`` (the same convention),
     TensorFlow's ``epsilon`` (default ``1e-3``, jaxbn's ``1e-5``), ``axis=1``
     for ``NCHW``, and ``scale=False`` for contrib's default. Keepdims
-    shapes (``(1, 1, 1, C)``) are squeezed like Haiku's.
+    shapes (``(1, 1, 1, C)``) are squeezed like Haiku's. Other names are not
+    read: kernels, optimizer slots (``<scope>/gamma/Adam``), EMA shadows.
 
     Args:
       variables: a mapping from TensorFlow variable names to arrays (NumPy,
