@@ -140,6 +140,25 @@ def test_checkpoint_reader_reads_only_the_scope():
     _close(_eval(params, stats, x), _tf_inference(x, bn))
 
 
+def test_tf_variables_are_read_through_value():
+    class Variable:  # tf.Variable, duck-typed: value() is a method
+        def __init__(self, array):
+            self.array = array
+
+        def assign(self, value):
+            raise AssertionError("the converter must not write")
+
+        def value(self):
+            return self.array
+
+    bn = _bn_vars(13)
+    params, stats = interop.from_tensorflow(
+        {f"bn/{k}:0": Variable(v) for k, v in bn.items()}
+    )
+    x = _x(4, C)
+    _close(_eval(params, stats, x), _tf_inference(x, bn))
+
+
 def test_nchw_and_keepdims_shapes():
     # data_format="NCHW" / Keras axis=1: the variables are (C,); jaxbn's axis=1.
     bn = _bn_vars(3)

@@ -244,9 +244,9 @@ def from_tensorflow(
     read: kernels, optimizer slots (``<scope>/gamma/Adam``), EMA shadows.
 
     Args:
-      variables: a mapping from TensorFlow variable names to arrays (NumPy,
-        or anything ``np.asarray`` reads), or a checkpoint reader
-        (``tf.train.load_checkpoint(path)``: anything with
+      variables: a mapping from TensorFlow variable names to arrays (NumPy
+        arrays, ``tf.Variable`` objects, anything ``np.asarray`` reads), or a
+        checkpoint reader (``tf.train.load_checkpoint(path)``: anything with
         ``get_variable_to_shape_map()`` and ``get_tensor(name)``, read only
         for this scope's variables). Names may end in ``:0`` or
         ``/.ATTRIBUTES/VARIABLE_VALUE``.
