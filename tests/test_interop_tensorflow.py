@@ -320,6 +320,8 @@ def test_errors():
         interop.from_tensorflow([np.ones(C)])
     with pytest.raises(TypeError, match="expected TensorFlow variable names"):
         interop.from_tensorflow({1: np.ones(C)})
+    with pytest.raises(TypeError, match="scope must be a str"):
+        interop.from_tensorflow(one, scope=1)  # pyright: ignore[reportArgumentType]
     with pytest.raises(ValueError, match=r"holds 2 batch norms.*pass scope="):
         interop.from_tensorflow(two)
     with pytest.raises(ValueError, match=r"holds 0 batch norms \(none\)"):

@@ -280,7 +280,7 @@ def from_tensorflow(
         without the zero-debias variables or with ``count``, an unknown
         ``debias``, or mismatched shapes.
       TypeError: for ``variables`` that is neither a mapping nor a reader,
-        non-string names, non-floating arrays or a bad count.
+        non-string names or ``scope``, non-floating arrays or a bad count.
 
     Examples:
       >>> import numpy as np
@@ -294,6 +294,10 @@ def from_tensorflow(
       (['bias'], Array([2., 4.], dtype=float32))
     """
     _check_options(count, debias)
+    if scope is not None and not isinstance(scope, str):
+        raise TypeError(
+            f"scope must be a str such as 'conv1/BatchNorm', got {scope!r}."
+        )
     source = _source(variables)
     found = _scopes(source)
     if scope is None:
