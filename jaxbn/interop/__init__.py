@@ -15,6 +15,8 @@ Keras 3          ``from_keras(layer)``                       ``to_keras(layer=)`
 Haiku            ``from_haiku(params, state, name=)``        ``to_haiku``
 Equinox          ``from_equinox(module, state)``             ``to_equinox``
 Flax linen/NNX   ``from_flax(variables or module)``          ``to_flax``
+TensorFlow       ``from_tensorflow(checkpoint, scope=)``,    —
+                 ``from_tensorflow_model(checkpoint)``
 ===============  ==========================================  =====================
 
 The other frameworks keep no update count, so ``from_X`` sets ``count`` to
@@ -27,7 +29,7 @@ batches). Momentum is the decay everywhere except in PyTorch, whose momentum is
 (PyTorch's ``momentum=None``, the cumulative average, is jaxbn's too).
 
 One module per framework (``_torch``, ``_keras``, ``_haiku``, ``_equinox``,
-``_flax``), the shared reading and checks in ``_common``, where each
+``_flax``, ``_tensorflow``), the shared reading and checks in ``_common``, where each
 framework whose layout is a renaming of keys is a row of ``LAYOUTS``.
 
 Examples:
@@ -53,6 +55,8 @@ from ._haiku import from_haiku as from_haiku
 from ._haiku import to_haiku as to_haiku
 from ._keras import from_keras as from_keras
 from ._keras import to_keras as to_keras
+from ._tensorflow import from_tensorflow as from_tensorflow
+from ._tensorflow import from_tensorflow_model as from_tensorflow_model
 from ._torch import from_torch as from_torch
 from ._torch import momentum_from_torch as momentum_from_torch
 from ._torch import to_torch as to_torch
@@ -64,6 +68,8 @@ __all__ = [
     "from_flax",
     "from_haiku",
     "from_keras",
+    "from_tensorflow",
+    "from_tensorflow_model",
     "from_torch",
     "momentum_from_torch",
     "to_equinox",

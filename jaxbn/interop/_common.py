@@ -47,6 +47,7 @@ LAYOUTS = {
     "flax": Layout("scale", "bias", "mean", "var"),
     "torch": Layout("weight", "bias", "running_mean", "running_var"),
     "keras": Layout("gamma", "beta", "moving_mean", "moving_variance"),
+    "tensorflow": Layout("gamma", "beta", "moving_mean", "moving_variance"),
     "equinox": Layout("weight", "bias", "mean", "var"),
 }
 
@@ -56,7 +57,8 @@ def as_numpy(value: Any, name: str) -> np.ndarray:
 
     A PyTorch tensor goes through ``.detach().cpu()`` (bfloat16 through
     float32, which NumPy lacks); a Flax NNX variable through ``get_value()``; a
-    Keras variable through ``.value``; anything else through ``np.array``. The
+    Keras variable through ``.value`` (a ``tf.Variable`` through ``.value()``);
+    anything else through ``np.array``. The
     result is always a copy: JAX on CPU may alias a NumPy buffer, and PyTorch
     updates its running statistics in place, so a view would change under the
     converted variables.
@@ -75,6 +77,8 @@ def as_numpy(value: Any, name: str) -> np.ndarray:
         value = value.get_value()
     elif hasattr(value, "assign") and hasattr(value, "value"):  # keras.Variable
         value = value.value  # the backend's array (Keras's .numpy() warns on NumPy 2)
+        if callable(value):  # tf.Variable, whose value() is a method
+            value = value()
     try:
         return np.array(value)
     except Exception as e:
