@@ -137,12 +137,7 @@ def _pitfalls() -> dict:
 
 
 def _perf_substitutions() -> dict[str, str]:
-    import sys
-
-    sys.path.insert(0, str(DOCS))
-    import perf_figures
-
-    return perf_figures.substitutions()
+    return runpy.run_path(str(DOCS / "perf_figures.py"))["substitutions"]()
 
 
 def _pct(fraction: float, digits: int = 1) -> str:
@@ -161,7 +156,10 @@ def _pitfalls_row(m: re.Match) -> list[str]:
     row = _pitfalls()
     step = m.group(1)
     j, f = row["jaxbn"][step], row["flax"][step]
-    return [_pct(j["train"]), _pct(f["running"]), _pct(j["running"]), _pct(j["batch"])]
+    return [
+        step,
+        *(_pct(v) for v in (j["train"], f["running"], j["running"], j["batch"])),
+    ]
 
 
 def _slow_threshold() -> str:
@@ -171,8 +169,8 @@ def _slow_threshold() -> str:
     return found.group(1)
 
 
-# (name, pattern, the figures its groups must equal after the first): each
-# match's groups are compared with what the function computes from the source.
+# (name, pattern, function): each match's groups must equal the list of texts
+# that the function computes from the source.
 FIGURE_CHECKS = [
     # The MNIST run: examples/mnist/results.json.
     (
@@ -187,7 +185,7 @@ FIGURE_CHECKS = [
     ),
     (
         "mnist-minutes",
-        r"MNIST example[^.]*?about (\d+) minutes",
+        r"MNIST example[^\n]*?about (\d+) minutes",
         lambda m: [f"{_mnist_results()['program_time_s'] / 60:.0f}"],
     ),
     # The benchmark runs: the float32 forward+backward range, flax.linen ÷ jaxbn.
@@ -214,7 +212,7 @@ FIGURE_CHECKS = [
     # Arithmetic: the weight 0.999ⁿ of the initial statistics, the warm-up.
     (
         "initial-weight",
-        r"(\d+)% after (\d+)",
+        r"(\d+)% after\s+(\d+)",
         lambda m: [f"{100 * 0.999 ** int(m.group(2)):.0f}", m.group(2)],
     ),
     (
@@ -291,7 +289,7 @@ def test_every_figure_has_a_source(page):
         for m in re.finditer(pattern, prose, re.MULTILINE):
             checked.append(range(m.start(), m.end()))
             want = expected(m)
-            got = list(m.groups())[: len(want)]
+            got = list(m.groups())
             if got != want:
                 wrong.append(f"{name}: page says {got}, the source gives {want}")
     assert not wrong, f"{page.name}: figures that differ from their source: {wrong}"

@@ -231,6 +231,7 @@ def summary(results: dict[str, Any]) -> str:
         + (f"; resumed from epoch {resumed}" if resumed else "")
         + '). "Eval time" covers two passes over the test set (running '
         "statistics and batch statistics); the first includes compilation."
+        + (f" Command: `{results['command']}`." if results.get("command") else "")
     )
 
 
