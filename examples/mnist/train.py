@@ -448,6 +448,7 @@ def _plot_layer_stats(ax: Any, records: Sequence[dict[str, Any]]) -> None:
     if logged:
         epochs = [r["epoch"] for r in logged]
         layers = dict.fromkeys(k.rsplit("/", 1)[0] for k in logged[0]["batch_stats"])
+        top = 0.0
         for i, layer in enumerate(layers):
             for name, style, text in (
                 ("var_mean", "o-", "mean var"),
@@ -455,15 +456,17 @@ def _plot_layer_stats(ax: Any, records: Sequence[dict[str, Any]]) -> None:
             ):
                 values = [r["batch_stats"][f"{layer}/{name}"] for r in logged]
                 ax.plot(epochs, values, style, color=f"C{i}", label=f"{layer} {text}")
+                top = max(top, *values)
         ax.set_xticks(epochs)
         ax.set_yscale("log")
+        ax.set_ylim(top=30 * top)  # room for the legend above the lines
     ax.set(
         xlabel="epoch",
         ylabel="mean over the layer's features",
         title="Running statistics per layer (jaxbn.describe)",
     )
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="small", ncol=2, loc="upper center")
 
 
 def plot_metrics(records: Sequence[dict[str, Any]], path: str | Path) -> None:
