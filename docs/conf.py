@@ -18,6 +18,7 @@ from pathlib import Path
 DOCS = Path(__file__).resolve().parent
 ROOT = DOCS.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(DOCS))
 sys.path.insert(0, str(DOCS / "_ext"))
 # Executed pages import jaxbn and examples from the repository root, and the
 # distributed page simulates 8 CPU devices; the kernels inherit this environment.
@@ -50,7 +51,7 @@ source_suffix = {".rst": "restructuredtext", ".md": "myst-nb"}
 root_doc = "index"
 
 # --- MyST and myst-nb ---------------------------------------------------------
-myst_enable_extensions = ["colon_fence", "dollarmath", "deflist"]
+myst_enable_extensions = ["colon_fence", "dollarmath", "deflist", "substitution"]
 myst_heading_anchors = 3
 # Every build runs every page, so no page can show stale output; while editing,
 # pass -D nb_execution_mode=cache to rerun only the pages whose code changed.
@@ -62,6 +63,27 @@ nb_execution_show_tb = True
 nb_output_stderr = "remove-warn"  # anything on stderr (a warning) is a build warning
 nb_merge_streams = True
 nb_render_markdown_format = "myst"  # tables printed by cells (IPython Markdown)
+
+
+# --- measured figures in the prose ------------------------------------------------
+# A page quotes a measurement as {{ name }}; its text is computed here from the
+# committed results (the MNIST run's examples/mnist/results.json, the benchmark
+# runs' benchmarks/results/*.json), so no page can quote a stale figure.
+# tests/test_docs.py checks that no page writes such a figure by hand.
+
+
+def figure_substitutions() -> dict[str, str]:
+    """``{{ name }}`` → text, for every measured figure the pages' prose quotes."""
+    import perf_figures
+
+    from examples.mnist import report
+
+    mnist = report.figures(report.load())
+    subs = {f"mnist_{key}": value for key, value in mnist.items()}
+    return subs | perf_figures.substitutions()
+
+
+myst_substitutions = figure_substitutions()
 
 # --- autodoc -------------------------------------------------------------------
 autosummary_generate = True

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -25,6 +25,9 @@ OP_NAMES = {
 }
 COMPARED = ("jaxbn", "flax.linen", "torch")
 _MIB = float(1 << 20)
+# The runs with every layer-level case, newest by date first in latest_run.
+SPEED_SOURCES = ("cpu-2core", "cpu-2core-after-statistics-rewrite")
+REWRITE = ("cpu-2core-before-statistics-rewrite", "cpu-2core-after-statistics-rewrite")
 
 
 def load_run(name: str, allocator: str = "tuned") -> dict[str, Any]:
@@ -34,6 +37,117 @@ def load_run(name: str, allocator: str = "tuned") -> dict[str, Any]:
         if run.get("allocator_setting") == allocator:
             return run
     raise ValueError(f"{name}.json has no run with allocator {allocator!r}")
+
+
+def latest_run(names: tuple[str, ...] = SPEED_SOURCES) -> tuple[str, dict[str, Any]]:
+    """The newest (by its ``date``) tuned-allocator run of the given files.
+
+    The speed figures quoted in the prose of other pages (``speed_range``) come
+    from it, so that they follow the newest measurement without an edit.
+    """
+    runs = [(name, load_run(name)) for name in names]
+    return max(runs, key=lambda item: item[1]["date"])
+
+
+def ratio(shape: dict[str, Any], other: str, op: str, source: str = "results") -> float:
+    """``other``'s median time ÷ jaxbn's (above 1: jaxbn is faster)."""
+    results = shape[source]
+    return results[other][op]["median_ms"] / results["jaxbn"][op]["median_ms"]
+
+
+def speed_range(
+    run: dict[str, Any], op: str = "fwdbwd", other: str = "flax.linen"
+) -> tuple[float, float]:
+    """The smallest and largest float32 ratio ``other`` ÷ jaxbn of ``op``."""
+    ratios = [ratio(s, other, op) for s in run["shapes"] if s["dtype"] == "float32"]
+    return min(ratios), max(ratios)
+
+
+def substitutions() -> dict[str, str]:
+    """The speed figures that the pages' prose quotes (MyST substitutions).
+
+    ``perf_fwdbwd_vs_flax``: float32 forward+backward, flax.linen ÷ jaxbn, as
+    ``"1.82–2.07×"``; ``perf_run``: the file and date it comes from.
+    """
+    name, run = latest_run()
+    low, high = speed_range(run)
+    return {
+        "perf_fwdbwd_vs_flax": f"{low:.2f}–{high:.2f}×",
+        "perf_run": f"`benchmarks/results/{name}.json`, {run['date'][:10]}",
+    }
+
+
+def tables_note(run: dict[str, Any]) -> str:
+    """Whether the main tables were taken before or after the statistics rewrite."""
+    after = load_run(REWRITE[1])
+    when = "before" if run["date"] < after["date"] else "after"
+    return (
+        f"The main tables below were taken on {run['date'][:10]}, {when} the "
+        "latest changes to the statistics code (shift by the running mean, "
+        "re-centring loop)."
+    )
+
+
+def load_text(run: dict[str, Any], donated: dict[str, Any]) -> str:
+    """The load averages at the start and the end of the two runs (Markdown)."""
+    return (
+        "The 1-minute load average was "
+        f"{run['loadavg_start'][0]:.2f} when the run started and "
+        f"{donated['loadavg_start'][0]:.2f} for the donation run "
+        f"({run['loadavg_end'][0]:.2f} and {donated['loadavg_end'][0]:.2f} at "
+        "their ends, which include the benchmark's own two busy threads)."
+    )
+
+
+def spread_text(run: dict[str, Any]) -> str:
+    """The spread of jaxbn's samples: the interquartile range ÷ the median."""
+    spreads = [
+        (r["q3_ms"] - r["q1_ms"]) / r["median_ms"]
+        for s in run["shapes"]
+        for r in (s["results"]["jaxbn"][op] for op in OPS)
+    ]
+    return (
+        "In this run the interquartile range of jaxbn's samples was typically "
+        f"{100 * float(sorted(spreads)[len(spreads) // 2]):.0f}% of the median "
+        f"(up to {100 * max(spreads):.0f}%), so ratios near 1 are ties."
+    )
+
+
+def compile_text(run: dict[str, Any]) -> str:
+    """How much longer jaxbn's forward+backward takes to compile than flax.linen's."""
+    extra = [
+        s["compile"]["jaxbn"]["compile_s"] - s["compile"]["flax.linen"]["compile_s"]
+        for s in run["shapes"]
+    ]
+    return (
+        "Compile time of a fresh training step (forward+backward) is "
+        f"{1e3 * min(extra):.0f}–{1e3 * max(extra):.0f} ms longer than "
+        "flax.linen's in these results."
+    )
+
+
+def rewrite_summary(before: dict[str, Any], after: dict[str, Any]) -> str:
+    """The change of jaxbn's times through the rewrite, and its ratios after it."""
+    old = {s["name"]: s for s in before["shapes"]}
+
+    def change(op: str, shapes: list[dict[str, Any]]) -> str:
+        c = [
+            s["results"]["jaxbn"][op]["median_ms"]
+            / old[s["name"]]["results"]["jaxbn"][op]["median_ms"]
+            - 1
+            for s in shapes
+        ]
+        return f"{100 * min(c):+.0f}% to {100 * max(c):+.0f}%"
+
+    f32 = [s for s in after["shapes"] if s["dtype"] == "float32"]
+    after_ratios = " / ".join(f"{ratio(s, 'flax.linen', 'fwdbwd'):.2f}×" for s in f32)
+    return (
+        "Change of jaxbn's float32 times through the rewrite (after ÷ before − 1): "
+        f"forward+backward {change('fwdbwd', f32)}, training forward "
+        f"{change('fwd', f32)}, evaluation {change('eval', f32)}. After it, float32 "
+        f"forward+backward measured {after_ratios} flax.linen's speed on "
+        f"{', '.join(str(tuple(s['shape'])) for s in f32)}."
+    )
 
 
 def _label(shape: dict[str, Any]) -> str:
@@ -114,6 +228,91 @@ def rewrite_table(before: dict[str, Any], after: dict[str, Any]) -> str:
                 f"| {_label(shape)} | {op} | {a:.2f} | {b:.2f} | {fa:.2f}× "
                 f"| {fb:.2f}× | {tb:.2f}× |"
             )
+    return "\n".join(rows)
+
+
+class Target(NamedTuple):
+    """A performance target: a figure of each shape and its threshold."""
+
+    goal: str  # the target, as the table states it
+    kind: str  # "ratio" (other ÷ jaxbn), "roofline" or "residuals" (÷ S)
+    op: str = "fwdbwd"
+    other: str = "flax.linen"  # for ratios
+    threshold: float = 1.0
+    donated: bool = False  # judged on the run with x donated
+
+
+TARGETS = (
+    Target("forward+backward ≥ 1.4× flax.linen", "ratio", threshold=1.4),
+    Target(
+        "forward+backward ≥ 2× flax two-pass",
+        "ratio",
+        other="flax.linen-2pass",
+        threshold=2.0,
+    ),
+    Target(
+        "training forward ≥ 1.4× flax two-pass", "ratio", "fwd", "flax.linen-2pass", 1.4
+    ),
+    Target("training forward not slower than flax.linen", "ratio", "fwd"),
+    Target("evaluation not slower than flax.linen", "ratio", "eval"),
+    Target("forward+backward faster than torch", "ratio", other="torch"),
+    Target("residuals ≤ 1.1 S", "residuals", threshold=1.1),
+    Target(
+        "x donated: evaluation ≥ 85% of roofline",
+        "roofline",
+        "eval",
+        threshold=0.85,
+        donated=True,
+    ),
+    Target(
+        "x donated: training forward ≥ 60% of roofline",
+        "roofline",
+        "fwd",
+        threshold=0.6,
+        donated=True,
+    ),
+    Target(
+        "x donated: forward+backward ≥ 45% of roofline",
+        "roofline",
+        threshold=0.45,
+        donated=True,
+    ),
+)
+
+
+def _figure(target: Target, shape: dict[str, Any]) -> tuple[float, str, bool]:
+    """The target's figure for one shape: value, text and whether it is met."""
+    if target.kind == "residuals":
+        value = shape["facts"]["jaxbn"]["residual_bytes"] / shape["bytes"]
+        return value, f"{value:.2f} S", value <= target.threshold
+    if target.kind == "roofline":
+        value = shape["results"]["jaxbn"][target.op]["roofline_fraction"]
+        return value, f"{100 * value:.0f}%", value >= target.threshold
+    value = ratio(shape, target.other, target.op)
+    return value, f"{value:.2f}×", value >= target.threshold
+
+
+def targets_table(run: dict[str, Any], donated: dict[str, Any]) -> str:
+    """The performance targets, each shape's figure, ✓ where met (Markdown).
+
+    A ratio target is judged on ``run``; the donation run's figure follows in
+    parentheses. A "x donated" target is judged on ``donated``.
+    """
+    donated_shapes = {s["name"]: s for s in donated["shapes"]}
+    rows = [
+        "| target | " + " | ".join(_label(s) for s in run["shapes"]) + " |",
+        "|---|" + "---:|" * len(run["shapes"]),
+    ]
+    for target in TARGETS:
+        cells = []
+        for shape in run["shapes"]:
+            other = donated_shapes[shape["name"]]
+            judged = other if target.donated else shape
+            _, text, met = _figure(target, judged)
+            if target.kind == "ratio":
+                text += f" ({_figure(target, other)[1]})"
+            cells.append(f"{text} {'✓' if met else '✗'}")
+        rows.append(f"| {target.goal} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 

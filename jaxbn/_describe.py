@@ -71,6 +71,40 @@ class StatsReport:
         """Per layer (``"Block_0/BatchNorm_0"``) its figures; see :func:`describe`."""
         return {name: dict(row) for name, row in self._rows.items()}
 
+    def as_metrics(self, prefix: str = "") -> dict[str, float]:
+        """The figures as flat scalars, for a metric writer (TensorBoard, CLU, W&B).
+
+        Every number of :meth:`as_dict` under the key
+        ``"<prefix><layer>/<figure>"``: ``mean_abs`` (mean of ``|mean|`` over the
+        features), ``var_mean`` (mean variance), ``max_abs_mean``, ``min_var``,
+        ``max_var``, ``count`` (absent for statistics saved without one),
+        ``decay``, ``warmed_up`` (1.0 or 0.0), ``features`` and the counts of
+        problem features (``zero_var``, ``negative_var``, ``nonfinite``,
+        ``far_means``). The readable ``problems`` notes are left out.
+
+        Args:
+          prefix: prepended to every key, e.g. ``"batch_stats/"``.
+
+        Returns:
+          A flat ``dict[str, float]``, layers in the order of :meth:`as_dict`.
+
+        Examples:
+          >>> import jax.numpy as jnp
+          >>> import jaxbn
+          >>> stats = {"mean": jnp.array([1.0, -3.0]), "var": jnp.array([2.0, 4.0])}
+          >>> metrics = jaxbn.describe({"bn": stats}).as_metrics("stats/")
+          >>> metrics["stats/bn/mean_abs"], metrics["stats/bn/var_mean"]
+          (2.0, 3.0)
+          >>> "stats/bn/count" in metrics  # a layer saved without a count
+          False
+        """
+        return {
+            f"{prefix}{name}/{key}": float(value)
+            for name, row in self._rows.items()
+            for key, value in row.items()
+            if isinstance(value, int | float)
+        }
+
     @property
     def ok(self) -> bool:
         """True if no layer has a variance that is zero, negative or not finite."""
@@ -126,7 +160,8 @@ def describe(
     For each layer: ``features`` (number), ``count`` (updates so far; None for
     statistics saved without one, e.g. by Flax), ``decay`` (that of the next
     update), ``warmed_up`` (the warm-up decay ``(1 + count) / (10 + count)`` has
-    reached ``momentum``), ``max_abs_mean``, ``min_var``, ``max_var``, the
+    reached ``momentum``), ``mean_abs`` and ``max_abs_mean`` (mean and largest
+    ``|mean|`` over the features), ``var_mean``, ``min_var``, ``max_var``, the
     numbers of features whose variance is ``zero_var``, ``negative_var`` or
     whose mean or variance is ``nonfinite``, ``far_means`` (features whose
     mean is more than ``far`` standard deviations from zero), and ``problems``,
@@ -142,7 +177,8 @@ def describe(
 
     Returns:
       A :class:`StatsReport`: ``str(report)`` is a table, ``report.as_dict()``
-      the figures, ``report.ok`` whether no layer has a problem.
+      the figures, ``report.as_metrics()`` the same as flat scalars for a
+      metric writer, ``report.ok`` whether no layer has a problem.
 
     Raises:
       TypeError: if ``stats`` is neither a tree of dicts nor an nnx model.
@@ -196,7 +232,9 @@ def _row(
         "count": count,
         "decay": float(decay),
         "warmed_up": (not warmup) or momentum is None or warm >= momentum,
+        "mean_abs": _finite_mean(np.abs(mean), finite),
         "max_abs_mean": float(np.max(np.abs(safe_mean), initial=0.0)),
+        "var_mean": _finite_mean(var, finite),
         "min_var": float(np.min(np.where(finite, var, np.inf), initial=np.inf)),
         "max_var": float(np.max(np.where(finite, var, -np.inf), initial=-np.inf)),
         "zero_var": int(np.sum(finite & (var == 0))),
@@ -212,6 +250,11 @@ def _row(
     ]
     row["problems"] = [f"{row[k]} {text}" for k, text in notes if row[k]]
     return row
+
+
+def _finite_mean(values: np.ndarray, finite: np.ndarray) -> float:
+    """The mean over the features whose mean and variance are finite (NaN if none)."""
+    return float(np.mean(values[finite])) if finite.any() else float("nan")
 
 
 def _filled(like: Any, value: int) -> jax.Array:

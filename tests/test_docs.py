@@ -105,3 +105,263 @@ def test_pitfalls_figure_data():
     flax, ours = record["results"]["flax"][last], record["results"]["jaxbn"][last]
     assert flax["running"] < ours["batch"] - 0.2
     assert ours["running"] > ours["batch"] - 0.01
+
+
+# --- every measured figure from its source ------------------------------------
+# A page quotes a measurement either as a {{ substitution }} or a cell computed
+# from a committed results file while the site is built (docs/conf.py,
+# docs/perf_figures.py, examples/mnist/report.py), or writes it by hand and
+# FIGURE_CHECKS below compares it with its source. The scan finds every figure
+# with a unit (%, ×, ms, s, minutes) in the prose of the pages; one that neither
+# path accounts for fails test_every_figure_has_a_source.
+
+ROOT = DOCS.parent
+FIGURE_PAGES = [*PAGES, ROOT / "README.md", ROOT / "examples" / "mnist" / "README.md"]
+FIGURE = re.compile(
+    r"(?<![\w.^/-])\d+(?:\.\d+)?\s?"
+    r"(?:%|×|x(?![\w])|ms\b|s\b|min\b|minutes?\b|seconds?\b)"
+)
+# The MNIST example's promise (configs/default.py): this accuracy or more.
+MNIST_TARGET = 0.992
+SUPERSCRIPT = str.maketrans("⁰¹²³⁴⁵⁶⁷⁸⁹", "0123456789")
+
+
+def _mnist_results() -> dict:
+    from examples.mnist import report
+
+    return report.load()
+
+
+def _pitfalls() -> dict:
+    return json.loads((DOCS / "_static" / "pitfalls.json").read_text())["results"]
+
+
+def _perf_substitutions() -> dict[str, str]:
+    return runpy.run_path(str(DOCS / "perf_figures.py"))["substitutions"]()
+
+
+def _pct(fraction: float, digits: int = 1) -> str:
+    return f"{100 * fraction:.{digits}f}"
+
+
+def _decay(count: int, momentum: float) -> float:
+    import jax.numpy as jnp
+
+    import jaxbn
+
+    return float(jaxbn.decay(jnp.array(count), momentum, True))
+
+
+def _pitfalls_row(m: re.Match) -> list[str]:
+    row = _pitfalls()
+    step = m.group(1)
+    j, f = row["jaxbn"][step], row["flax"][step]
+    return [
+        step,
+        *(_pct(v) for v in (j["train"], f["running"], j["running"], j["batch"])),
+    ]
+
+
+def _slow_threshold() -> str:
+    header = (ROOT / "tests" / "slow.txt").read_text()
+    found = re.search(r"took (\d+(?:\.\d+)?) s or more", header)
+    assert found, "tests/slow.txt no longer states its threshold"
+    return found.group(1)
+
+
+# (name, pattern, function): each match's groups must equal the list of texts
+# that the function computes from the source.
+FIGURE_CHECKS = [
+    # The MNIST run: examples/mnist/results.json.
+    (
+        "mnist-accuracy",
+        r"(\d+\.\d+)% test accuracy",
+        lambda m: [_mnist_results_figure("accuracy").rstrip("%")],
+    ),
+    (
+        "mnist-target",
+        r"margin over (\d+\.\d+)%",
+        lambda m: [_pct(MNIST_TARGET)],
+    ),
+    (
+        "mnist-minutes",
+        r"MNIST example[^\n]*?about (\d+) minutes",
+        lambda m: [f"{_mnist_results()['program_time_s'] / 60:.0f}"],
+    ),
+    # The benchmark runs: the float32 forward+backward range, flax.linen ÷ jaxbn.
+    (
+        "speed-range",
+        r"(\d+\.\d+)–(\d+\.\d+)× faster",
+        lambda m: _perf_substitutions()["perf_fwdbwd_vs_flax"].rstrip("×").split("–"),
+    ),
+    # The pitfalls run: docs/_static/pitfalls.json.
+    (
+        "pitfalls-1000-steps",
+        r"after 1000 steps, (\d+\.\d)% test\s+accuracy with jaxbn's running "
+        r"statistics against (\d+\.\d)%",
+        lambda m: [
+            _pct(_pitfalls()["jaxbn"]["1000"]["running"]),
+            _pct(_pitfalls()["flax"]["1000"]["running"]),
+        ],
+    ),
+    (
+        "pitfalls-table",
+        r"^\| (\d+) \| (\d+\.\d)% \| (\d+\.\d)% \| (\d+\.\d)% \| (\d+\.\d)% \|$",
+        _pitfalls_row,
+    ),
+    # Arithmetic: the weight 0.999ⁿ of the initial statistics, the warm-up.
+    (
+        "initial-weight",
+        r"(\d+)% after\s+(\d+)",
+        lambda m: [f"{100 * 0.999 ** int(m.group(2)):.0f}", m.group(2)],
+    ),
+    (
+        "power",
+        r"(0\.\d+)([⁰¹²³⁴⁵⁶⁷⁸⁹]+) ≈ (\d+)%",
+        lambda m: [
+            m.group(1),
+            m.group(2),
+            f"{100 * float(m.group(1)) ** int(m.group(2).translate(SUPERSCRIPT)):.0f}",
+        ],
+    ),
+    (
+        "first-update",
+        r"first update takes (\d+)%",
+        lambda m: [f"{100 * (1 - _decay(0, 0.999)):.0f}"],
+    ),
+    # The test tiers: tests/slow.txt's threshold.
+    (
+        "slow-tier",
+        r"measured at (\d+(?:\.\d+)?) s or more",
+        lambda m: [_slow_threshold()],
+    ),
+]
+
+# Figures written by hand with no results file to check them against, in pages
+# other people own; each is reported, none may be added.
+UNSOURCED = {
+    # docs/pitfalls.md: the run time of the command that writes pitfalls.json.
+    "pitfalls.md": {"8 minutes"},
+    # docs/after_training.md: one run of the recalibration experiment;
+    # tests/test_recalibrate.py checks only that recalibration does not lose.
+    "after_training.md": {"63.4%", "73.8%", "75.3%", "74.4%"},
+    # README.md: the test suite's duration.
+    "README.md": {"8 minutes", "1 minute"},
+}
+
+
+def _mnist_results_figure(name: str) -> str:
+    from examples.mnist import report
+
+    return report.figures(_mnist_results())[name]
+
+
+def _prose(page: Path) -> str:
+    """The page without code, substitutions, comments and directive options.
+
+    Removed text is replaced by spaces so that line starts stay where they are.
+    """
+    from examples.mnist import report
+
+    text = page.read_text()
+
+    def blank(m: re.Match) -> str:
+        return re.sub(r"[^\n]", " ", m.group(0))
+
+    patterns = [
+        r"^(```+|~~~+).*?^\1",  # fenced blocks: code cells, sh, directives
+        re.escape(report.BEGIN) + ".*?" + re.escape(report.END),  # generated
+        r"<!--.*?-->",
+        r"`[^`\n]+`",
+        r"\{\{.*?\}\}",
+    ]
+    for pattern in patterns:
+        text = re.sub(pattern, blank, text, flags=re.DOTALL | re.MULTILINE)
+    return text
+
+
+@pytest.mark.parametrize("page", FIGURE_PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_figure_has_a_source(page):
+    prose = _prose(page)
+    checked: list[range] = []
+    wrong = []
+    for name, pattern, expected in FIGURE_CHECKS:
+        for m in re.finditer(pattern, prose, re.MULTILINE):
+            checked.append(range(m.start(), m.end()))
+            want = expected(m)
+            got = list(m.groups())
+            if got != want:
+                wrong.append(f"{name}: page says {got}, the source gives {want}")
+    assert not wrong, f"{page.name}: figures that differ from their source: {wrong}"
+    unsourced = [
+        m.group(0)
+        for m in FIGURE.finditer(prose)
+        if not any(m.start() in span for span in checked)
+    ]
+    allowed = UNSOURCED.get(page.name, set())
+    new = [f for f in unsourced if f not in allowed]
+    assert not new, (
+        f"{page.name} quotes {new} with no source: render it from a results file "
+        "(a {{ substitution }} from docs/conf.py or a computed cell) or add a "
+        "check to FIGURE_CHECKS"
+    )
+
+
+def test_figure_scan_finds_what_it_must(tmp_path):
+    # The scan and the checks can fail: a stale figure and an unsourced one.
+    page = tmp_path / "page.md"
+    accuracy = _mnist_results_figure("accuracy")
+    page.write_text(
+        f"Reached {accuracy} test accuracy, `9.9 s` in code, "
+        "{{ mnist_accuracy }}, 0.98–9.99× faster.\n"
+    )
+    with pytest.raises(AssertionError, match="speed-range"):
+        test_every_figure_has_a_source(page)
+    page.write_text(f"Reached {accuracy} test accuracy, 3.1 s per step.\n")
+    with pytest.raises(AssertionError, match=r"\['3.1 s'\] with no source"):
+        test_every_figure_has_a_source(page)
+    page.write_text(f"Reached {accuracy} test accuracy, `3.1 s` per step.\n")
+    test_every_figure_has_a_source(page)
+
+
+def test_substitutions_used_by_the_pages_exist(monkeypatch):
+    for var in ("PYTHONPATH", "JAX_PLATFORMS"):
+        monkeypatch.setenv(var, os.environ.get(var, ""))
+    conf = runpy.run_path(str(DOCS / "conf.py"))
+    names = set(conf["myst_substitutions"])
+    assert "substitution" in conf["myst_enable_extensions"]
+    for page in PAGES:
+        used = set(re.findall(r"\{\{\s*(\w+)\s*\}\}", page.read_text()))
+        assert used <= names, f"{page.name}: unknown {sorted(used - names)}"
+    results = _mnist_results()
+    last = results["epochs"][-1]
+    assert conf["myst_substitutions"]["mnist_accuracy"] == (
+        f"{100 * last['test_accuracy']:.2f}%"
+    )
+
+
+def test_mnist_results_file():
+    results = _mnist_results()
+    assert [r["epoch"] for r in results["epochs"]] == [1, 2, 3, 4, 5]
+    assert results["resumed_from_epoch"] is None  # one uninterrupted run
+    machine = results["machine"]
+    assert machine["cpu"] and machine["cpu"] != "unknown CPU"
+    assert {"python", "jax", "flax"} <= set(machine["versions"])
+    assert results["config"]["num_epochs"] == 5
+    last = results["epochs"][-1]
+    assert last["test_count"] == 10_000
+    assert last["test_accuracy"] >= MNIST_TARGET
+    assert last["batch_stats"], "the run logged no running statistics"
+    for entry in results["eval_only"]:
+        assert entry["accuracy"] == entry["reported_accuracy"]
+    assert (ROOT / "examples" / "mnist" / "metrics.png").stat().st_size > 10_000
+
+
+def test_mnist_readme_results_section_is_generated():
+    from examples.mnist import report
+
+    text = (ROOT / "examples" / "mnist" / "README.md").read_text()
+    assert report.readme_section(_mnist_results()) in text, (
+        "examples/mnist/README.md's results section differs from results.json: "
+        "run python -m examples.mnist.report --update_readme"
+    )

@@ -13,7 +13,7 @@ import dataclasses
 import sys
 from collections.abc import Sequence
 
-from examples.mnist import train
+from examples.mnist import report, train
 from examples.mnist.configs import default
 
 
@@ -95,6 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"({result['correct']}/{result['count']}, evaluation batch size "
         f"{config.eval_batch_size}), loss {result['loss']:.4f}"
     )
+    report.add_eval_only(args.workdir, result, config.eval_batch_size)
     reported = result["reported_accuracy"]
     if reported is None:
         print("No test accuracy was recorded for this epoch in metrics.jsonl.")

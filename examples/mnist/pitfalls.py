@@ -15,7 +15,7 @@ Run from the repository root::
 ``--json PATH`` also writes the measured accuracies, and ``--plot PATH`` draws
 test accuracy against training steps for both layers (the documentation's figure
 comes from ``--steps 25,50,...,1000 --json ... --plot ...``, see
-``docs/make_figures.py``).
+``docs/pitfalls.md``).
 """
 
 from __future__ import annotations

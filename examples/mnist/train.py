@@ -26,12 +26,15 @@ import orbax.checkpoint as ocp
 from flax.training import train_state
 from tqdm import tqdm
 
-from examples.mnist import input_pipeline
+import jaxbn
+from examples.mnist import input_pipeline, report
 from examples.mnist.configs.default import Config
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "metrics.png"
+# The per-layer figures of jaxbn.describe that each epoch logs and plots.
+LOGGED_STATS = ("mean_abs", "var_mean")
 CHECKPOINT_DIR = "checkpoints"
 
 BATCH_NORMS = ("jaxbn", "flax")
@@ -315,6 +318,30 @@ def _relative_change(new: Any, old: Any) -> dict[str, dict[str, float]]:
     return out
 
 
+def stats_metrics(config: Config, batch_stats: Any) -> dict[str, float]:
+    """Per-layer figures of the running statistics, flat, for the metric log.
+
+    ``jaxbn.describe(...).as_metrics()``: ``"<layer>/mean_abs"`` (mean ``|mean|``
+    over the features), ``"<layer>/var_mean"``, ``"<layer>/min_var"``, ...
+    """
+    described = jaxbn.describe(
+        batch_stats,
+        momentum=config.bn_momentum,
+        warmup=config.bn_warmup and config.batch_norm == "jaxbn",
+    )
+    return described.as_metrics()
+
+
+def stats_log_line(metrics: dict[str, float]) -> str:
+    """The ``LOGGED_STATS`` of each layer on one line, for the console."""
+    layers = dict.fromkeys(k.rsplit("/", 1)[0] for k in metrics)
+    return "  running statistics: " + "; ".join(
+        f"{layer} |mean| {metrics[f'{layer}/mean_abs']:.3g} "
+        f"var {metrics[f'{layer}/var_mean']:.3g}"
+        for layer in layers
+    )
+
+
 def checkpoint_manager(workdir: str | Path, max_to_keep: int) -> ocp.CheckpointManager:
     """Returns an orbax checkpoint manager for ``workdir/checkpoints``."""
     return ocp.CheckpointManager(
@@ -384,43 +411,78 @@ def read_metrics(workdir: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line]
 
 
-def plot_metrics(records: Sequence[dict[str, Any]], path: str | Path) -> None:
-    """Plots accuracy per epoch and the convergence of the running statistics."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(11, 4.2), layout="constrained")
-    ax_acc, ax_stats = fig.subplots(1, 2)
+def _plot_accuracy(ax: Any, records: Sequence[dict[str, Any]]) -> None:
     epochs = [r["epoch"] for r in records]
     for key, label, style in (
         ("train_accuracy", "train (training mode)", "o-"),
         ("test_accuracy", "test (evaluation mode, running statistics)", "s-"),
         ("test_accuracy_batch_stats", "test (batch statistics)", "^--"),
     ):
-        ax_acc.plot(epochs, [100 * r[key] for r in records], style, label=label)
-    ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="Accuracy")
-    ax_acc.set_xticks(epochs)
-    ax_acc.grid(alpha=0.3)
-    ax_acc.legend()
+        ax.plot(epochs, [100 * r[key] for r in records], style, label=label)
+    ax.set(xlabel="epoch", ylabel="accuracy (%)", title="Accuracy")
+    ax.set_xticks(epochs)
+    ax.grid(alpha=0.3)
+    ax.legend()
 
+
+def _plot_change(ax: Any, records: Sequence[dict[str, Any]]) -> None:
     trace = [point for r in records for point in r["running_stats_change"]]
     if trace:
         steps = [p["step"] for p in trace]
-        layers = list(trace[0]["change"])
-        for i, layer in enumerate(layers):
-            color = f"C{i}"
+        for i, layer in enumerate(trace[0]["change"]):
             for name, style in (("var", "-"), ("mean", ":")):
                 values = [p["change"][layer][name] for p in trace]
-                ax_stats.plot(
-                    steps, values, style, color=color, label=f"{layer} {name}"
-                )
-        ax_stats.set_yscale("log")
-    ax_stats.set(
+                ax.plot(steps, values, style, color=f"C{i}", label=f"{layer} {name}")
+        ax.set_yscale("log")
+    ax.set(
         xlabel="step",
         ylabel="relative change since previous point",
         title="Convergence of the running statistics",
     )
-    ax_stats.grid(alpha=0.3)
-    ax_stats.legend(fontsize="small", ncol=2)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small", ncol=2)
+
+
+def _plot_layer_stats(ax: Any, records: Sequence[dict[str, Any]]) -> None:
+    logged = [r for r in records if "batch_stats" in r]
+    if logged:
+        epochs = [r["epoch"] for r in logged]
+        layers = dict.fromkeys(k.rsplit("/", 1)[0] for k in logged[0]["batch_stats"])
+        top = 0.0
+        for i, layer in enumerate(layers):
+            for name, style, text in (
+                ("var_mean", "o-", "mean var"),
+                ("mean_abs", "s:", "mean |mean|"),
+            ):
+                values = [r["batch_stats"][f"{layer}/{name}"] for r in logged]
+                ax.plot(epochs, values, style, color=f"C{i}", label=f"{layer} {text}")
+                top = max(top, *values)
+        ax.set_xticks(epochs)
+        ax.set_yscale("log")
+        ax.set_ylim(top=30 * top)  # room for the legend above the lines
+    ax.set(
+        xlabel="epoch",
+        ylabel="mean over the layer's features",
+        title="Running statistics per layer (jaxbn.describe)",
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small", ncol=2, loc="upper center")
+
+
+def plot_metrics(records: Sequence[dict[str, Any]], path: str | Path) -> None:
+    """Plots accuracy per epoch, the running statistics' convergence and size.
+
+    Left: accuracy per epoch. Middle: the relative change of each layer's running
+    mean and variance every ``stats_every_steps`` steps. Right: each layer's mean
+    ``|mean|`` and mean variance after each epoch (``LOGGED_STATS``).
+    """
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(16, 4.6), layout="constrained")
+    ax_acc, ax_change, ax_stats = fig.subplots(1, 3)
+    _plot_accuracy(ax_acc, records)
+    _plot_change(ax_change, records)
+    _plot_layer_stats(ax_stats, records)
     fig.savefig(path, dpi=100)
 
 
@@ -429,8 +491,10 @@ def train_and_evaluate(config: Config, workdir: str | Path) -> TrainState:
 
     Resumes from the latest checkpoint in ``workdir`` if there is one. Writes the
     config to ``workdir/config.json``. After each epoch it appends a record to
-    ``workdir/metrics.jsonl``, redraws ``workdir/metrics.png`` and saves a
-    checkpoint.
+    ``workdir/metrics.jsonl`` (with each layer's running-statistics figures,
+    ``stats_metrics``), prints it, redraws ``workdir/metrics.png`` and saves a
+    checkpoint. At the end it writes ``workdir/results.json`` (``report.write``:
+    the records, the time taken, the machine and the versions).
 
     Args:
         config: hyperparameters.
@@ -440,6 +504,7 @@ def train_and_evaluate(config: Config, workdir: str | Path) -> TrainState:
         The final train state.
     """
     run_start = time.perf_counter()
+    machine = report.machine()  # with the load average at the start
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     train_x, train_y = input_pipeline.load_split("train", limit=config.train_limit)
@@ -519,6 +584,7 @@ def train_and_evaluate(config: Config, workdir: str | Path) -> TrainState:
             "train_time_s": round(train_time, 2),
             "eval_time_s": round(eval_time, 2),
             "running_stats_change": stats_trace,
+            "batch_stats": stats_metrics(config, state.batch_stats),
         }
         with metrics_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
@@ -531,11 +597,21 @@ def train_and_evaluate(config: Config, workdir: str | Path) -> TrainState:
             f"{100 * test_bs['accuracy']:.2f}% with batch statistics)  "
             f"{train_time:.1f}s train + {eval_time:.1f}s eval"
         )
+        tqdm.write(stats_log_line(record["batch_stats"]))
     manager.wait_until_finished()
     manager.close()
+    path = report.write(
+        workdir,
+        dataclasses.asdict(config),
+        read_metrics(workdir),
+        program_time_s=time.perf_counter() - run_start,
+        start=machine,
+        resumed_from=latest,
+    )
     tqdm.write(
         f"Done in {time.perf_counter() - run_start:.0f} s (data loading, "
-        f"compilation, training, evaluation, checkpoints); see {workdir}."
+        f"compilation, training, evaluation, checkpoints); see {workdir}, and "
+        f"{path.name} for the results with the machine and versions."
     )
     return state
 

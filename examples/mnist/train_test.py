@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import gzip
+import json
 import shutil
 from pathlib import Path
 
 import chex
 import jax
+import numpy as np
 import pytest
 
-from examples.mnist import input_pipeline, main, train
+from examples.mnist import input_pipeline, main, report, train
 from examples.mnist.configs.default import Config
 
 CONFIG = Config(
@@ -48,6 +50,71 @@ def test_trains_above_chance(trained):
         "1",
         "2",
     ]
+
+
+def test_each_epoch_logs_the_running_statistics_of_each_layer(trained, capsys):
+    workdir, state = trained
+    records = train.read_metrics(workdir)
+    layers = sorted(state.batch_stats)
+    assert layers == ["BatchNorm_0", "BatchNorm_1", "BatchNorm_2"]
+    for record in records:
+        logged = record["batch_stats"]
+        assert {k.rsplit("/", 1)[0] for k in logged} == set(layers)
+    # The last record describes the final state: NumPy float64 reference.
+    last = records[-1]["batch_stats"]
+    for layer in layers:
+        mean = np.asarray(state.batch_stats[layer]["mean"], np.float64)
+        var = np.asarray(state.batch_stats[layer]["var"], np.float64)
+        # float32 statistics averaged in float64 on both sides.
+        assert last[f"{layer}/mean_abs"] == pytest.approx(np.abs(mean).mean(), 1e-12)
+        assert last[f"{layer}/var_mean"] == pytest.approx(var.mean(), rel=1e-12)
+        assert last[f"{layer}/count"] == int(state.step)
+    # Epoch 1's statistics differ from epoch 2's: each epoch logs its own.
+    first = records[0]["batch_stats"]
+    assert first["BatchNorm_0/var_mean"] != last["BatchNorm_0/var_mean"]
+    line = train.stats_log_line(last)
+    for layer in layers:
+        assert f"{layer} |mean| {last[f'{layer}/mean_abs']:.3g}" in line
+
+
+def test_plot_shows_the_logged_statistics(trained, tmp_path):
+    from matplotlib.figure import Figure
+
+    workdir, _ = trained
+    records = train.read_metrics(workdir)
+    drawn = {}
+
+    def save(fig: Figure, path, **kwargs):
+        drawn["axes"] = fig.axes
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Figure, "savefig", save)
+        train.plot_metrics(records, tmp_path / "plot.png")
+    stats_axis = drawn["axes"][2]
+    lines = {line.get_label(): line.get_ydata() for line in stats_axis.lines}
+    assert len(lines) == 3 * len(train.LOGGED_STATS)
+    np.testing.assert_array_equal(
+        lines["BatchNorm_1 mean var"],
+        [r["batch_stats"]["BatchNorm_1/var_mean"] for r in records],
+    )
+
+
+def test_results_file(trained):
+    workdir, _ = trained
+    results = report.load(workdir / report.RESULTS_FILE)
+    assert results["epochs"] == train.read_metrics(workdir)
+    assert results["config"]["num_epochs"] == 2
+    assert results["resumed_from_epoch"] is None
+    assert results["machine"]["cpu"] == report.cpu_model() != ""
+    assert results["machine"]["versions"]["jax"] == jax.__version__
+    assert 0 < results["program_time_s"] < 3600
+    figures = report.figures(results)
+    last = results["epochs"][-1]
+    assert figures["accuracy"] == f"{100 * last['test_accuracy']:.2f}%"
+    assert figures["correct"] == f"{last['test_correct']}/500"
+    table = report.epoch_table(results).splitlines()
+    assert len(table) == 2 + 2
+    assert table[3].startswith(f"| 2 | {last['train_loss']:.4f} |")
 
 
 def test_restore_gives_identical_variables_and_metrics(trained):
@@ -101,6 +168,12 @@ def test_main_eval_only_reports_match(trained, capsys):
     assert "Matches the accuracy reported during training exactly" in (
         capsys.readouterr().out
     )
+    # --eval_only adds its measurement to the run's results file.
+    results = json.loads((workdir / report.RESULTS_FILE).read_text())
+    (entry,) = results["eval_only"]
+    assert entry["batch_size"] == CONFIG.eval_batch_size
+    assert entry["correct"] == results["epochs"][-1]["test_correct"]
+    assert "exactly the accuracy recorded" in report.eval_only_text(results)
 
 
 def test_eval_only_without_checkpoint(tmp_path):
