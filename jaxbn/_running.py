@@ -85,8 +85,8 @@ def update_running_stats(
     biased = var
     if config.unbiased:
         var = var * jnp.where(count > 1.0, count / jnp.maximum(count - 1.0, 1.0), 1.0)
-    finite = jnp.all(jnp.isfinite(mean)) & jnp.all(jnp.isfinite(var))
-    accept = finite & jnp.any(count > 0)
+    finite = jnp.isfinite(mean) & jnp.isfinite(var)
+    accept = jnp.all(finite) & jnp.any(count > 0)
     d = decay(batch_stats["count"], config.momentum, bool(config.warmup))
     # 1 where the feature moves, 0 where it keeps its value. Arithmetic rather
     # than ``where`` keeps the running statistics' sharding (a mesh with
@@ -95,7 +95,7 @@ def update_running_stats(
 
     def moved(old: jax.Array, new: jax.Array, d: jax.Array = d) -> jax.Array:
         # A rejected batch may hold NaN or inf: zero them so 0 * new stays 0.
-        new = jnp.nan_to_num(new, nan=0.0, posinf=0.0, neginf=0.0).astype(old.dtype)
+        new = lax.select(jnp.isfinite(new), new, jnp.zeros_like(new)).astype(old.dtype)
         # ``d * old + (1 - d) * new`` is exact at d = 0 (momentum 0: the
         # batch's statistics) and at d = 1 (frozen), unlike ``old + (1 - d) *
         # (new - old)``; with weight 0 or 1 the blend is exact too.
