@@ -56,7 +56,8 @@ def inverse_std(var: jax.Array, epsilon: float) -> jax.Array:
     """
     real = var.dtype
     inv = lax.rsqrt(var + jnp.asarray(epsilon, real))
-    return jnp.where(var == jnp.inf, jnp.zeros_like(inv), inv)
+    # lax.select, not jnp.where: no wrapped call in the compiled program.
+    return lax.select(var == jnp.inf, jnp.zeros_like(inv), inv)
 
 
 def normalize(
