@@ -126,8 +126,18 @@ def measure_once(model_name: str, norm: Callable[..., nn.Module]) -> dict[str, d
 
 
 def run(models: list[str], impls: list[str], reps: int) -> dict[str, Any]:
-    """``{model: {step: {impl: {phase: [samples]}}}}``, orders alternated."""
+    """``{model: {step: {impl: {phase: [samples]}}}}``, orders alternated.
+
+    Raises:
+      ValueError: for a model or batch-norm name the benchmark does not know.
+    """
     norms = _norms()
+    for flag, names, known in (("--models", models, MODELS), ("--impls", impls, norms)):
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise ValueError(
+                f"{flag} got {', '.join(unknown)}; expected some of {', '.join(known)}"
+            )
     samples: dict[str, Any] = {}
     for model_name in models:
         for rep in range(reps):

@@ -430,6 +430,22 @@ def end_to_end_markdown(name: str = "end-to-end") -> str:
     )
 
 
+def compile_time_markdown(name: str = "compile-time") -> str:
+    """The whole-model compile-time table of ``benchmarks/results/<name>.json``."""
+    path = RESULTS / f"{name}.json"
+    if not path.exists():
+        return (
+            f"No compile-time results are committed yet (`{path.relative_to(ROOT)}`); "
+            "the command above writes them."
+        )
+    import sys
+
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.compile_time import render
+
+    return render(json.loads(path.read_text()))
+
+
 def png(fig: Any) -> Any:
     """The figure as an ``IPython.display.Image`` (PNG), for an executed page."""
     import io

@@ -242,24 +242,25 @@ def _passes(cfg: _Config, x: jax.Array, mask: Any, shift: jax.Array) -> ShiftedM
         count, offset, var = one_pass(shift)
         return i + 1, count, shift, offset, var
 
-    start = _typed_like_the_sums(one_more, (jnp.int32(0), shift))
+    zeros = jnp.zeros_like(shift)
+    start = (jnp.int32(0), zeros.real, shift, zeros, zeros.real)
+    if _varying(jax.typeof(x)) or cfg.groups is not None:  # inside shard_map
+        start = _typed_like_the_sums(one_more, start)
     _, count, shift, offset, var = lax.while_loop(again, one_more, start)
     return ShiftedMoments(count, shift, offset, var)
 
 
-def _typed_like_the_sums(one_more: Any, seed: tuple) -> tuple:
-    """The loop's first state: zeros typed as ``one_more`` returns them.
+def _typed_like_the_sums(one_more: Any, state: tuple) -> tuple:
+    """The loop's first state, marked varying where ``one_more``'s output is.
 
     Inside ``jax.shard_map`` the sums may vary along mesh axes that the running
     mean does not (axes that are not reduced over, or the groups of
     ``axis_index_groups``); a ``while_loop`` needs its first state typed like
     what its body returns, so the zeros are marked varying along those axes
     (free: no communication). The body's output types are found by tracing it
-    abstractly (``jax.eval_shape``), until they no longer change.
+    abstractly (``jax.eval_shape``), until they no longer change. Outside
+    ``shard_map`` nothing varies and this is not called (it costs a trace).
     """
-    i, shift = seed
-    zeros = jnp.zeros_like(shift)
-    state = (i, zeros.real, shift, zeros, zeros.real)
     for _ in range(len(state)):
         out = jax.eval_shape(one_more, state)
         pairs = zip(state, out, strict=True)
