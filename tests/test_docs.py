@@ -56,6 +56,10 @@ def test_every_page_is_in_the_toctree():
     missing = {p.stem for p in PAGES if p.stem != "index"} - entries
     assert not missing, f"pages missing from index.md's toctree: {sorted(missing)}"
     assert "api" in entries
+    # The table of pages above the toctree lists each of its entries.
+    linked = set(re.findall(r"^\| \[[^]]+\]\(([\w.]+)\.(?:md|rst)\)", index, re.M))
+    unlisted = sorted({e for e in entries if e and e[0] != ":"} - linked)
+    assert not unlisted, f"index.md's table of pages lacks {unlisted}"
 
 
 def test_design_names_every_module_and_test_file():
