@@ -56,6 +56,30 @@ def test_every_page_is_in_the_toctree():
     missing = {p.stem for p in PAGES if p.stem != "index"} - entries
     assert not missing, f"pages missing from index.md's toctree: {sorted(missing)}"
     assert "api" in entries
+    # The table of pages above the toctree lists each of its entries.
+    linked = set(re.findall(r"^\| \[[^]]+\]\(([\w.]+)\.(?:md|rst)\)", index, re.M))
+    unlisted = sorted({e for e in entries if e and e[0] != ":"} - linked)
+    assert not unlisted, f"index.md's table of pages lacks {unlisted}"
+
+
+def test_design_names_every_module_and_test_file():
+    # design.md's tables: each module of jaxbn/ (interop's as `interop/_x`)
+    # and each file of tests/, with what it holds or guards.
+    design = (DOCS / "design.md").read_text()
+    named = set(re.findall(r"`([^`\s]+)`", design))
+    package = DOCS.parent / "jaxbn"
+    modules = {
+        p.relative_to(package).with_suffix("").as_posix() for p in package.rglob("*.py")
+    }
+    missing = sorted(modules - named)
+    assert not missing, f"docs/design.md's module tables lack {missing}"
+    files = {
+        p.name
+        for p in (DOCS.parent / "tests").iterdir()
+        if p.suffix in (".py", ".txt") and not p.name.startswith(".")
+    }
+    missing = sorted(files - named)
+    assert not missing, f"docs/design.md does not say what {missing} guard"
 
 
 def test_api_page_lists_every_public_name(monkeypatch):

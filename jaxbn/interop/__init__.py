@@ -29,8 +29,9 @@ batches). Momentum is the decay everywhere except in PyTorch, whose momentum is
 (PyTorch's ``momentum=None``, the cumulative average, is jaxbn's too).
 
 One module per framework (``_torch``, ``_keras``, ``_haiku``, ``_equinox``,
-``_flax``, ``_tensorflow``), the shared reading and checks in ``_common``, where each
-framework whose layout is a renaming of keys is a row of ``LAYOUTS``.
+``_flax``, ``_tensorflow`` with its variable names in ``_tensorflow_names``),
+the shared reading and checks in ``_common``, where each framework whose layout
+is a renaming of keys is a row of ``LAYOUTS``.
 
 Examples:
   >>> import numpy as np, jax.numpy as jnp

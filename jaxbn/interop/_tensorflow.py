@@ -1,105 +1,42 @@
-"""Converters from TensorFlow checkpoints' batch-norm variables to jaxbn's.
+"""The converter from TensorFlow checkpoints' batch-norm variables to jaxbn's.
 
-TensorFlow is not imported: the input is a mapping from TensorFlow's variable
-names to arrays (what ``tf.train.load_checkpoint(path).get_tensor(name)`` gives
-for the names of ``get_variable_to_shape_map()``), or the checkpoint reader
-itself, read through duck typing.
-
-A batch norm is a *scope*, the path in front of its ``moving_mean``:
-``conv1/BatchNorm`` (``tf.contrib.layers.batch_norm``),
-``block1/batch_normalization_1`` (``tf.layers``), ``bn1`` or
-``layer_with_weights-1`` (Keras). Its variables are the scope's direct
-children: ``gamma``, ``beta``, ``moving_mean``, ``moving_variance``, the
-zero-debias pair ``moving_mean/biased`` and ``moving_mean/local_step`` (which
-TensorFlow names ``<scope>/<scope>/moving_mean/...``), and renorm's
-``renorm_mean``, ``renorm_stddev`` (with ``renorm_mean_weight`` and
-``renorm_stddev_weight`` in TensorFlow 1) and ``moving_stddev``. Deeper names
-(optimizer slots such as ``<scope>/gamma/Adam``, ``ExponentialMovingAverage``
-shadows) and every other variable are not read.
+Which names make a batch norm, and where each one goes in a model's tree, is
+``_tensorflow_names``; this module reads the arrays of one scope (the
+zero-debias pair, renorm's state) and builds jaxbn's ``(params, batch_stats)``.
+TensorFlow is not imported.
 """
 
 from __future__ import annotations
 
 import math
-import re
-from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from ._common import CONVERGED_COUNT, LAYOUTS, as_numpy, jaxbn_variables
+from ._tensorflow_names import (
+    Source,
+    children,
+    choose_scope,
+    join,
+    model_scopes,
+    nest,
+)
 
 _NAMES = LAYOUTS["tensorflow"]
 _RENORM = ("renorm_mean", "renorm_stddev")
 _RENORM_ALL = (*_RENORM, "renorm_mean_weight", "renorm_stddev_weight", "moving_stddev")
-# Object-based checkpoints (tf.train.Checkpoint, Keras's model.save_weights)
-# end each variable's name in /.ATTRIBUTES/VARIABLE_VALUE; the names of
-# layer.weights end in ":0".
-_SUFFIX = re.compile(r"(/\.ATTRIBUTES/VARIABLE_VALUE|:\d+)$")
-
 Variables = tuple[dict[str, jax.Array], dict[str, jax.Array]]
 
 
-class _Source(NamedTuple):
-    """TensorFlow's variables: clean name -> name as given, and a reader."""
-
-    names: dict[str, str]
-    read: Callable[[str], Any]
-
-    def get(self, name: str) -> Any:
-        """The array of ``name`` (a clean name), or None if absent."""
-        key = self.names.get(name)
-        return None if key is None else self.read(key)
-
-
-def _source(variables: Any) -> _Source:
-    """Reads a mapping of names to arrays or a checkpoint reader."""
-    if hasattr(variables, "get_variable_to_shape_map") and hasattr(
-        variables, "get_tensor"
-    ):
-        keys, read = list(variables.get_variable_to_shape_map()), variables.get_tensor
-    elif isinstance(variables, Mapping):
-        keys, read = list(variables), variables.__getitem__
-    else:
-        raise TypeError(
-            "variables must be a mapping from TensorFlow variable names to arrays, "
-            "e.g. {name: reader.get_tensor(name) for name in "
-            "reader.get_variable_to_shape_map()}, or the reader of "
-            f"tf.train.load_checkpoint(path) itself; got {type(variables).__name__}."
-        )
-    names = {}
-    for key in keys:
-        if not isinstance(key, str):
-            raise TypeError(
-                f"variables has the key {key!r} of type {type(key).__name__}; "
-                "expected TensorFlow variable names (str)."
-            )
-        names[_SUFFIX.sub("", key)] = key
-    return _Source(names, read)
-
-
-def _join(scope: str, leaf: str) -> str:
-    return f"{scope}/{leaf}" if scope else leaf
-
-
-def _scopes(source: _Source) -> list[str]:
-    """Every scope holding a ``moving_mean``, sorted."""
-    found = {
-        name[: -len("moving_mean")].rstrip("/")
-        for name in source.names
-        if name == "moving_mean" or name.endswith("/moving_mean")
-    }
-    return sorted(found)
-
-
-def _debiased(source: _Source, scope: str) -> tuple[Any, int]:
+def _debiased(source: Source, scope: str) -> tuple[Any, int]:
     """The zero-debias pair of ``scope``: the biased mean and the update count."""
     found = {}
     for leaf in ("biased", "local_step"):
         names = [
-            _join(s, f"moving_mean/{leaf}")
-            for s in (_join(scope, scope) if scope else None, scope)
+            join(s, f"moving_mean/{leaf}")
+            for s in (join(scope, scope) if scope else None, scope)
             if s is not None
         ]
         value = next((v for v in map(source.get, names) if v is not None), None)
@@ -125,14 +62,14 @@ def _debiased(source: _Source, scope: str) -> tuple[Any, int]:
 
 
 def _renorm_stats(
-    source: _Source, scope: str, renorm: bool, feature_shape: tuple[int, ...]
+    source: Source, scope: str, renorm: bool, feature_shape: tuple[int, ...]
 ) -> dict[str, jax.Array]:
     """``renorm_mean`` and ``renorm_std`` of ``scope``, or {} without renorm."""
-    present = [v for v in _RENORM_ALL if _join(scope, v) in source.names]
+    present = [v for v in _RENORM_ALL if join(scope, v) in source.names]
     if not renorm:
         if present:
             raise ValueError(
-                f"variables holds {[_join(scope, v) for v in present]}, the state "
+                f"variables holds {[join(scope, v) for v in present]}, the state "
                 "of a layer trained with renorm=True; pass renorm=True to convert "
                 "it for jaxbn.batch_norm(renorm=True, ...). Evaluation is the "
                 "same either way: it reads moving_mean and moving_variance."
@@ -140,12 +77,12 @@ def _renorm_stats(
         return {}
     out = {}
     for theirs, ours in zip(_RENORM, ("renorm_mean", "renorm_std"), strict=True):
-        name = _join(scope, theirs)
+        name = join(scope, theirs)
         value = source.get(name)
         if value is None:
             raise ValueError(
                 f"renorm=True but variables has no {name!r} (variables under "
-                f"{scope or 'the top level'}: {_children(source, scope)}); pass "
+                f"{scope or 'the top level'}: {children(source, scope)}); pass "
                 "renorm=False for a layer trained without renorm."
             )
         value = as_numpy(value, name)
@@ -160,7 +97,7 @@ def _renorm_stats(
             value = value / weight
         if value.size != math.prod(feature_shape):
             raise ValueError(
-                f"{name} has shape {value.shape} but {_join(scope, 'moving_mean')} "
+                f"{name} has shape {value.shape} but {join(scope, 'moving_mean')} "
                 f"has {math.prod(feature_shape)} values; all arrays must come from "
                 "the same batch-norm layer."
             )
@@ -168,17 +105,8 @@ def _renorm_stats(
     return out
 
 
-def _children(source: _Source, scope: str) -> list[str]:
-    prefix = f"{scope}/" if scope else ""
-    return sorted(
-        n[len(prefix) :]
-        for n in source.names
-        if n.startswith(prefix) and "/" not in n[len(prefix) :]
-    )
-
-
 def _convert(
-    source: _Source, scope: str, count: int | None, debias: str | None, renorm: bool
+    source: Source, scope: str, count: int | None, debias: str | None, renorm: bool
 ) -> Variables:
     """The ``(params, batch_stats)`` of one scope."""
     names = _NAMES.prefixed(f"{scope}/" if scope else "")
@@ -187,7 +115,7 @@ def _convert(
         if value is None:
             raise ValueError(
                 f"variables has no {name!r} (variables under "
-                f"{scope or 'the top level'}: {_children(source, scope)}); pass "
+                f"{scope or 'the top level'}: {children(source, scope)}); pass "
                 "every variable of the layer, e.g. all the names of "
                 "reader.get_variable_to_shape_map()."
             )
@@ -298,21 +226,9 @@ def from_tensorflow(
         raise TypeError(
             f"scope must be a str such as 'conv1/BatchNorm', got {scope!r}."
         )
-    source = _source(variables)
-    found = _scopes(source)
-    if scope is None:
-        if len(found) != 1:
-            raise ValueError(
-                f"variables holds {len(found)} batch norms ({found or 'none'}); "
-                "pass scope= to choose one, or use from_tensorflow_model for all."
-            )
-        scope = found[0]
-    elif scope.strip("/") not in found:
-        raise ValueError(
-            f"scope={scope!r} holds no moving_mean; the batch norms in variables "
-            f"are {found or 'none'}."
-        )
-    return _convert(source, scope.strip("/"), count, debias, renorm)
+    source = Source.of(variables)
+    scope = choose_scope(source, scope)
+    return _convert(source, scope, count, debias, renorm)
 
 
 def from_tensorflow_model(
@@ -359,36 +275,12 @@ def from_tensorflow_model(
       {'batch_normalization': (2,), 'batch_normalization_1': (3,)}
     """
     _check_options(count, debias)
-    source = _source(variables)
-    found = _scopes(source)
-    if not found:
-        raise ValueError(
-            "variables holds no batch norm (no name ends in 'moving_mean'); "
-            f"some of its names: {sorted(source.names)[:8]}."
-        )
-    if "" in found:
-        raise ValueError(
-            "variables holds a batch norm at the top level (a bare 'moving_mean'), "
-            "which has no scope to nest it under; convert it with "
-            "from_tensorflow(variables, scope='')."
-        )
-    for outer in found:
-        inner = [s for s in found if s.startswith(f"{outer}/")]
-        if inner:
-            raise ValueError(
-                f"the batch norm {outer!r} contains the batch norms {inner}, which "
-                "cannot be nested under its variables; convert them one at a time "
-                "with from_tensorflow(variables, scope=...)."
-            )
+    source = Source.of(variables)
     tree: dict[str, dict[str, Any]] = {"params": {}, "batch_stats": {}}
-    for scope in found:
+    for scope in model_scopes(source):
         params, stats = _convert(source, scope, count, debias, renorm)
-        *parents, leaf = scope.split("/")
-        for collection, value in (("params", params), ("batch_stats", stats)):
-            node = tree[collection]
-            for part in parents:
-                node = node.setdefault(part, {})
-            node[leaf] = value
+        nest(tree["params"], scope, params)
+        nest(tree["batch_stats"], scope, stats)
     return tree
 
 
