@@ -24,7 +24,7 @@ from ._ghost import ghost_training
 from ._normalize import RenormOperands, clip_bound, normalize
 from ._running import update_running_stats
 from ._statistics import Moments, devices_in_axis, real_dtype, sanitized, valid
-from ._training import Running, StepOptions, training_step
+from ._training import Running, StepOptions, always_counted, training_step
 from ._types import BatchStats, Params
 
 
@@ -242,7 +242,8 @@ def _training(
     flat = Moments(*(a.reshape(geo.feature_shape) for a in moments))
     if config.frozen:  # bitwise unchanged, count included
         return y, stats
-    return y, update_running_stats(stats, flat, config)
+    counted = always_counted(x, mask, geo.reduction_axes)
+    return y, update_running_stats(stats, flat, config, counted)
 
 
 def _evaluate(

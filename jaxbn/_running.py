@@ -62,7 +62,10 @@ def decay(count: jax.Array, momentum: float | None, warmup: bool) -> jax.Array:
 
 
 def update_running_stats(
-    batch_stats: dict[str, jax.Array], moments: Moments, config: BatchNormConfig
+    batch_stats: dict[str, jax.Array],
+    moments: Moments,
+    config: BatchNormConfig,
+    counted: bool = False,
 ) -> dict[str, jax.Array]:
     """Returns ``batch_stats`` moved towards ``moments`` (no gradient flows).
 
@@ -77,6 +80,9 @@ def update_running_stats(
       batch_stats: ``{"mean", "var", "count"}`` as made by ``init``.
       moments: the batch's ``Moments``, already reshaped to the feature shape.
       config: the layer's configuration.
+      counted: every feature is known, at trace time, to have values (no
+        mask, a non-empty batch), so the per-feature checks of the count are
+        left out of the program.
 
     Returns:
       The new ``batch_stats``.
@@ -86,16 +92,17 @@ def update_running_stats(
     if config.unbiased:
         var = var * jnp.where(count > 1.0, count / jnp.maximum(count - 1.0, 1.0), 1.0)
     finite = jnp.isfinite(mean) & jnp.isfinite(var)
-    accept = jnp.all(finite) & jnp.any(count > 0)
+    accept = jnp.all(finite) if counted else jnp.all(finite) & jnp.any(count > 0)
     d = decay(batch_stats["count"], config.momentum, bool(config.warmup))
     # 1 where the feature moves, 0 where it keeps its value. Arithmetic rather
     # than ``where`` keeps the running statistics' sharding (a mesh with
     # Explicit axes refuses a select between differently sharded operands).
-    moves = (accept & (count > 0)).astype(d.dtype)
+    moves = (accept if counted else accept & (count > 0)).astype(d.dtype)
 
     def moved(old: jax.Array, new: jax.Array, d: jax.Array = d) -> jax.Array:
-        # A rejected batch may hold NaN or inf: zero them so 0 * new stays 0.
-        new = lax.select(jnp.isfinite(new), new, jnp.zeros_like(new)).astype(old.dtype)
+        # A rejected batch may hold NaN or inf: zero them so 0 * new stays 0
+        # (where the mean and the variance are finite, so is every new value).
+        new = lax.select(finite, new, jnp.zeros_like(new)).astype(old.dtype)
         # ``d * old + (1 - d) * new`` is exact at d = 0 (momentum 0: the
         # batch's statistics) and at d = 1 (frozen), unlike ``old + (1 - d) *
         # (new - old)``; with weight 0 or 1 the blend is exact too.

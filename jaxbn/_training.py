@@ -141,6 +141,11 @@ def _checkpointed(
     return _train(static, sanitized(x, mask), mask, scale, bias, running)
 
 
+def always_counted(x: jax.Array, mask: jax.Array | None, axes: tuple[int, ...]) -> bool:
+    """Whether every feature has values, known when tracing: no mask, no empty axis."""
+    return mask is None and all(x.shape[a] > 0 for a in axes)
+
+
 def _forward(
     static: StepOptions,
     x: jax.Array,
@@ -157,8 +162,11 @@ def _forward(
     m = shifted_moments(x, axes, mask, axis_name, groups, running.mean)
     m = ShiftedMoments(*(checkpoint_name(a, SAVED) for a in m))
     # Features with no valid value have offset 0 around the running mean
-    # already; they take the running variance too.
-    var = jnp.where(m.count > 0, m.var, running.var.astype(m.var.dtype))
+    # already; they take the running variance too. Without a mask every
+    # feature of a non-empty batch has values: no select to compile.
+    var = m.var
+    if not always_counted(x, mask, axes):
+        var = jnp.where(m.count > 0, m.var, running.var.astype(m.var.dtype))
     corr = None
     if running.renorm is not None:  # renorm: (x_hat * r + d) * scale + bias
         mean = m.shift + m.offset
