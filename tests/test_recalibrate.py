@@ -319,7 +319,12 @@ def test_mnist_recalibration_beats_stale_moving_averages():
     config = Config(features=(8, 16), hidden=32, batch_size=64, bn_warmup=False)
     train_x, train_y = input_pipeline.load_split("train", limit=1600)
     test_x, test_y = input_pipeline.load_split("test", limit=1000)
-    state = train.create_train_state(config, jax.random.key(0), 25)
+    # One compiled initialization, with the non-partitionable threefry: XLA:CPU
+    # takes seconds to compile the partitionable one for each kernel shape
+    # (3, 3, c, k), and eager flax init compiles every operation of the model.
+    with jax.threefry_partitionable(False):
+        create = jax.jit(train.create_train_state, static_argnums=(0, 2))
+        state = create(config, jax.random.key(0), 25)
     rng = np.random.default_rng(0)
     for x, y in input_pipeline.train_batches(train_x, train_y, 64, rng):
         state, _ = train.train_step(state, x, y)
@@ -334,11 +339,13 @@ def test_mnist_recalibration_beats_stale_moving_averages():
     after = train.evaluate(
         state.replace(batch_stats=new["batch_stats"]), test_x, test_y, 500
     )
-    assert after["correct"] >= before["correct"]
+    # Measured: 677 of 1000 before, 803 after (a recalibration that kept the
+    # stale statistics would give the same count).
+    assert after["correct"] > before["correct"]
 
     # The first batch norm's input is the first convolution's output.
-    convs = []
-    for b in batches:
+    @jax.jit
+    def first_conv(b):
         _, state_b = model.apply(
             variables,
             b,
@@ -346,7 +353,9 @@ def test_mnist_recalibration_beats_stale_moving_averages():
             mutable=["batch_stats", "intermediates"],
             capture_intermediates=lambda m, _: m.name == "Conv_0",
         )
-        convs.append(np.asarray(state_b["intermediates"]["Conv_0"]["__call__"][0]))
+        return state_b["intermediates"]["Conv_0"]["__call__"][0]
+
+    convs = [np.asarray(first_conv(b)) for b in batches]
     assert_stats(new["batch_stats"]["BatchNorm_0"], *pooled(convs))
     assert new["params"] is variables["params"]
 
