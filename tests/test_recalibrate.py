@@ -7,6 +7,7 @@ batch's moments are within a few float32 ulps (~1e-7 relative) and the merge
 adds a few more, so 1e-5 of the statistics' magnitude is a safe bound.
 """
 
+import functools
 import sys
 from typing import Any
 
@@ -22,6 +23,19 @@ import jaxbn.linen
 import jaxbn.nnx
 
 TOL = 1e-5
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _non_partitionable_threefry():
+    """Draws the models' initial parameters with the non-partitionable threefry.
+
+    XLA:CPU takes from one to several seconds to compile the partitionable one
+    for each new kernel shape with a small last axis ((5, 4), (3, 3, 8, 16)),
+    more than the tests themselves. Any parameters do: every reference is
+    computed from the drawn ones.
+    """
+    with jax.threefry_partitionable(False):
+        yield
 
 
 def pooled(values: list[np.ndarray], axis: int = -1) -> tuple[np.ndarray, np.ndarray]:
@@ -193,14 +207,16 @@ def linen_setup(masked=False):
 def linen_reference(model, variables, batches):
     """The BN inputs of each batch in training mode, captured by Flax."""
     inputs = {"bn0": [], "bn1": []}
-    for b in batches:
-        _, state = model.apply(
-            variables,
-            b,
+    apply = jax.jit(
+        functools.partial(
+            model.apply,
             train=True,
             mutable=["batch_stats", "intermediates"],
             capture_intermediates=True,
         )
+    )
+    for b in batches:
+        _, state = apply(variables, b)
         inputs["bn0"].append(
             np.asarray(state["intermediates"]["dense0"]["__call__"][0])
         )
@@ -319,12 +335,10 @@ def test_mnist_recalibration_beats_stale_moving_averages():
     config = Config(features=(8, 16), hidden=32, batch_size=64, bn_warmup=False)
     train_x, train_y = input_pipeline.load_split("train", limit=1600)
     test_x, test_y = input_pipeline.load_split("test", limit=1000)
-    # One compiled initialization, with the non-partitionable threefry: XLA:CPU
-    # takes seconds to compile the partitionable one for each kernel shape
-    # (3, 3, c, k), and eager flax init compiles every operation of the model.
-    with jax.threefry_partitionable(False):
-        create = jax.jit(train.create_train_state, static_argnums=(0, 2))
-        state = create(config, jax.random.key(0), 25)
+    # One compiled initialization: flax's init, run eagerly, compiles every
+    # operation of the model.
+    create = jax.jit(train.create_train_state, static_argnums=(0, 2))
+    state = create(config, jax.random.key(0), 25)
     rng = np.random.default_rng(0)
     for x, y in input_pipeline.train_batches(train_x, train_y, 64, rng):
         state, _ = train.train_step(state, x, y)
