@@ -65,7 +65,16 @@ def both(run, classes) -> tuple[Any, Any]:
 
 
 def normal(shape: tuple, seed: int = 0, dtype: Any = jnp.float32) -> jax.Array:
-    return jax.random.normal(jax.random.key(seed), shape, dtype)
+    """Standard normal values (complex: unit variance, as jax.random.normal).
+
+    Drawn by NumPy: jax.random compiles a program for each new shape, which
+    takes XLA:CPU seconds for shapes with a short last axis such as (4, 3, 2).
+    """
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(shape)
+    if jnp.issubdtype(dtype, jnp.complexfloating):
+        x = (x + 1j * rng.standard_normal(shape)) / np.sqrt(2.0)
+    return jnp.asarray(x, dtype)
 
 
 # --- 1. a batch of one ------------------------------------------------------

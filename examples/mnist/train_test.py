@@ -25,6 +25,17 @@ CONFIG = Config(
 )
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _non_partitionable_threefry():
+    """Initializes the CNN with the non-partitionable threefry.
+
+    XLA:CPU takes seconds to compile the partitionable one for each kernel
+    shape with a short last axis, such as (3, 3, 1, 8): more than training.
+    """
+    with jax.threefry_partitionable(False):
+        yield
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, train.TrainState]:
     workdir = tmp_path_factory.mktemp("mnist")
