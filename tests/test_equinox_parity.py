@@ -26,6 +26,9 @@ from jax.sharding import PartitionSpec as P
 
 import jaxbn.equinox
 
+# Any random values do here: see the fixture (conftest.py).
+pytestmark = pytest.mark.usefixtures("non_partitionable_threefry")
+
 MODES = ["batch", "ema"]
 
 

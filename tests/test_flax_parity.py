@@ -26,6 +26,9 @@ from flax import nnx
 import jaxbn.linen
 import jaxbn.nnx
 
+# Any random values do here: see the fixture (conftest.py).
+pytestmark = pytest.mark.usefixtures("non_partitionable_threefry")
+
 TOL = 1e-5
 
 

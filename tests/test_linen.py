@@ -13,17 +13,8 @@ import pytest
 
 import jaxbn.linen
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _non_partitionable_threefry():
-    """Initializes the models with the non-partitionable threefry.
-
-    XLA:CPU takes seconds to compile the partitionable one for each kernel
-    shape with a short last axis, such as the CNN's (3, 3, 2, 4); jaxbn's layer
-    and Flax's are compared from the same parameters, whichever they are.
-    """
-    with jax.threefry_partitionable(False):
-        yield
+# Any initial parameters do: see the fixture (conftest.py).
+pytestmark = pytest.mark.usefixtures("non_partitionable_threefry")
 
 
 # (axis, x shape) pairs: channels-last, channels-first, two feature axes, NHWC.

@@ -25,17 +25,8 @@ import jaxbn.nnx
 TOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _non_partitionable_threefry():
-    """Draws the models' initial parameters with the non-partitionable threefry.
-
-    XLA:CPU takes from one to several seconds to compile the partitionable one
-    for each new kernel shape with a small last axis ((5, 4), (3, 3, 8, 16)),
-    more than the tests themselves. Any parameters do: every reference is
-    computed from the drawn ones.
-    """
-    with jax.threefry_partitionable(False):
-        yield
+# Any initial parameters do: see the fixture (conftest.py).
+pytestmark = pytest.mark.usefixtures("non_partitionable_threefry")
 
 
 def pooled(values: list[np.ndarray], axis: int = -1) -> tuple[np.ndarray, np.ndarray]:

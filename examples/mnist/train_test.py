@@ -25,15 +25,8 @@ CONFIG = Config(
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _non_partitionable_threefry():
-    """Initializes the CNN with the non-partitionable threefry.
-
-    XLA:CPU takes seconds to compile the partitionable one for each kernel
-    shape with a short last axis, such as (3, 3, 1, 8): more than training.
-    """
-    with jax.threefry_partitionable(False):
-        yield
+# Any initial parameters do: see the fixture (conftest.py).
+pytestmark = pytest.mark.usefixtures("non_partitionable_threefry")
 
 
 @pytest.fixture(scope="module")
