@@ -24,6 +24,21 @@ _SLOW = {
 }
 
 
+@pytest.fixture(scope="module")
+def non_partitionable_threefry():
+    """Draws the module's random values with the non-partitionable threefry.
+
+    XLA:CPU takes from one to several seconds to compile the partitionable one
+    (jax's default) for each new shape with a short last axis, such as a
+    convolution kernel (3, 3, 8, 16) or data (16, 4, 3), against a fraction of
+    a second for the other: often more than the test itself. For modules whose
+    tests hold for any drawn values (references computed from the values
+    drawn); ``pytestmark = pytest.mark.usefixtures("non_partitionable_threefry")``.
+    """
+    with jax.threefry_partitionable(False):
+        yield
+
+
 def pytest_collection_modifyitems(config, items):
     """Marks the tests of tests/slow.txt ``slow``: ``pytest -m "not slow"``."""
     del config

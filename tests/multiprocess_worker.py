@@ -39,17 +39,24 @@ def model_init() -> tuple[dict, dict]:
     """Params and statistics of Dense -> BatchNorm -> relu -> Dense -> BatchNorm."""
     import jax
     import jax.numpy as jnp
+    import numpy as np
 
     import jaxbn
 
-    k1, k2 = jax.random.split(jax.random.key(42))
+    # NumPy, not jax.random: XLA:CPU takes seconds to compile jax.random for a
+    # shape with a short last axis such as (16, 3), in every process.
+    rng = np.random.default_rng(42)
+    w1, w2 = (
+        jnp.asarray(rng.standard_normal(shape) / shape[0] ** 0.5, jnp.float32)
+        for shape in ((FEATURES, HIDDEN), (HIDDEN, CLASSES))
+    )
     bn = jaxbn.batch_norm(momentum=0.9)
     bn1_params, bn1_stats = bn.init(jax.ShapeDtypeStruct((BATCH, HIDDEN), jnp.float32))
     bn2_params, bn2_stats = bn.init(jax.ShapeDtypeStruct((BATCH, CLASSES), jnp.float32))
     params = {
-        "w1": jax.random.normal(k1, (FEATURES, HIDDEN)) / FEATURES**0.5,
+        "w1": w1,
         "bn1": bn1_params,
-        "w2": jax.random.normal(k2, (HIDDEN, CLASSES)) / HIDDEN**0.5,
+        "w2": w2,
         "bn2": bn2_params,
     }
     return params, {"bn1": bn1_stats, "bn2": bn2_stats}

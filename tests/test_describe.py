@@ -11,6 +11,9 @@ import jaxbn
 import jaxbn.linen
 import jaxbn.nnx
 
+# Any random values do here: see the fixture (conftest.py).
+pytestmark = pytest.mark.usefixtures("non_partitionable_threefry")
+
 
 def layer(mean, var, count=None):
     out = {"mean": jnp.asarray(mean, jnp.float32), "var": jnp.asarray(var, jnp.float32)}

@@ -128,7 +128,10 @@ def test_overflowing_variance_gives_inf_and_the_bias_never_nan():
     m = jaxbn.batch_moments(x, (0,))
     assert bool(jnp.isinf(m.var[0, 0]))
     chex.assert_trees_all_equal(new, stats)  # a non-finite batch is not recorded
-    grads = jax.grad(lambda x: jnp.sum(layer.apply(params, stats, x, train=True)[0]))(x)
+    # Jitted: eagerly, every operation of the backward pass compiles on its own.
+    grads = jax.jit(
+        jax.grad(lambda x: jnp.sum(layer.apply(params, stats, x, train=True)[0]))
+    )(x)
     assert bool(jnp.all(jnp.isfinite(grads)))
 
 
@@ -210,8 +213,10 @@ def test_float64_end_to_end_and_check_grads_order_two():
         y64 = (x64 - x64.mean(0)) / np.sqrt(x64.var(0) + EPS) * np.asarray(scale)
         np.testing.assert_allclose(np.asarray(y), y64 + np.asarray(bias), atol=1e-12)
         for train in (True, False):
+            # Jitted: check_grads then compiles each derivative once, where
+            # eagerly it compiles every operation of it.
             check_grads(
-                lambda x, s, b, t=train: f(x, s, b, t),
+                jax.jit(lambda x, s, b, t=train: f(x, s, b, t)),
                 (x, scale, bias),
                 order=2,
                 modes=("fwd", "rev"),
@@ -236,16 +241,24 @@ def test_forward_mode_and_hessian_match_autodiff_of_the_reference():
         def ref(x):
             return jnp.sum(w * _reference_y(x, scale, bias) ** 2)
 
+        @jax.jit
+        def derivatives(x, tangent):
+            """jvp, jacfwd, hessian and linearize of ours and ref, compiled once.
+
+            Eagerly, every operation of each derivative compiles on its own.
+            """
+            of = {
+                f: (jax.jvp(f, (x,), (tangent,)), jax.jacfwd(f)(x), jax.hessian(f)(x))
+                for f in (ours, ref)
+            }
+            return of[ours], of[ref], jax.linearize(ours, x)[1](tangent)
+
         tangent = jnp.asarray(rng.standard_normal(x.shape))
-        chex.assert_trees_all_close(
-            jax.jvp(ours, (x,), (tangent,)), jax.jvp(ref, (x,), (tangent,)), rtol=1e-9
-        )
-        chex.assert_trees_all_close(jax.jacfwd(ours)(x), jax.jacfwd(ref)(x), rtol=1e-9)
-        chex.assert_trees_all_close(
-            jax.hessian(ours)(x), jax.hessian(ref)(x), atol=1e-8
-        )
-        _, lin = jax.linearize(ours, x)
-        chex.assert_trees_all_close(lin(tangent), jax.jvp(ref, (x,), (tangent,))[1])
+        (jvp, jac, hess), (jvp_ref, jac_ref, hess_ref), lin = derivatives(x, tangent)
+        chex.assert_trees_all_close(jvp, jvp_ref, rtol=1e-9)
+        chex.assert_trees_all_close(jac, jac_ref, rtol=1e-9)
+        chex.assert_trees_all_close(hess, hess_ref, atol=1e-8)
+        chex.assert_trees_all_close(lin, jvp_ref[1])
 
 
 def test_complex_input_matches_numpy_and_autodiff():
@@ -271,8 +284,8 @@ def test_complex_input_matches_numpy_and_autodiff():
     def ref(x, scale):
         return jnp.sum(w * jnp.abs(_reference_y(x, scale, params["bias"])) ** 2)
 
-    got = jax.grad(ours, (0, 1))(x, params["scale"])
-    want = jax.grad(ref, (0, 1))(x, params["scale"])
+    got = jax.jit(jax.grad(ours, (0, 1)))(x, params["scale"])
+    want = jax.jit(jax.grad(ref, (0, 1)))(x, params["scale"])
     chex.assert_trees_all_close(got, want, atol=2e-4, rtol=1e-4)
     masked = layer.apply(
         params, stats, x, train=True, mask=(jnp.arange(32) < 20)[:, None]

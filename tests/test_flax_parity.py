@@ -26,6 +26,9 @@ from flax import nnx
 import jaxbn.linen
 import jaxbn.nnx
 
+# Any random values do here: see the fixture (conftest.py).
+pytestmark = pytest.mark.usefixtures("non_partitionable_threefry")
+
 TOL = 1e-5
 
 
@@ -65,7 +68,16 @@ def both(run, classes) -> tuple[Any, Any]:
 
 
 def normal(shape: tuple, seed: int = 0, dtype: Any = jnp.float32) -> jax.Array:
-    return jax.random.normal(jax.random.key(seed), shape, dtype)
+    """Standard normal values (complex: unit variance, as jax.random.normal).
+
+    Drawn by NumPy: jax.random compiles a program for each new shape, which
+    takes XLA:CPU seconds for shapes with a short last axis such as (4, 3, 2).
+    """
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(shape)
+    if jnp.issubdtype(dtype, jnp.complexfloating):
+        x = (x + 1j * rng.standard_normal(shape)) / np.sqrt(2.0)
+    return jnp.asarray(x, dtype)
 
 
 # --- 1. a batch of one ------------------------------------------------------

@@ -19,6 +19,9 @@ import jaxbn
 import jaxbn.linen
 import jaxbn.nnx
 
+# Any random values do here: see the fixture (conftest.py).
+pytestmark = pytest.mark.usefixtures("non_partitionable_threefry")
+
 TOL = 1e-5
 
 # kind -> (input shape, layer factory for linen, for nnx)

@@ -7,6 +7,8 @@ finite differences, and the global computation for ``axis_name`` under
 
 from __future__ import annotations
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -60,18 +62,32 @@ def reference(x, mask=None, scale=None, bias=None, *, axes, dtype=None):
     return y.astype(x.dtype if dtype is None else dtype), mean, var
 
 
+def normal(seed, shape):
+    """Standard normal float32 values drawn by NumPy.
+
+    ``jax.random`` compiles a program for each new shape (over a second on a
+    shared 2-core CPU), more than many of these tests take otherwise.
+    """
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
 def inputs(shape, axes, dtype, mask_shape=None, seed=0, offset=0.0):
-    keys = jax.random.split(jax.random.key(seed), 5)
+    rng = np.random.default_rng(seed)  # not jax.random: see normal
     kept = kept_shape(shape, axes)
-    x = (2.0 * jax.random.normal(keys[0], shape) + 1.5 + offset).astype(dtype)
-    scale = 1.0 + 0.3 * jax.random.normal(keys[1], kept)
-    bias = 0.3 * jax.random.normal(keys[2], kept)
-    w = jax.random.normal(keys[3], shape)
+    x = (2.0 * rng.standard_normal(shape) + 1.5 + offset).astype(np.float32)
+    scale = 1.0 + 0.3 * rng.standard_normal(kept)
+    bias = 0.3 * rng.standard_normal(kept)
+    w = rng.standard_normal(shape)
     mask = None
     if mask_shape is not None:
-        mask = jax.random.bernoulli(keys[4], 0.7, mask_shape)
-        mask = mask.at[(1,) * len(mask_shape)].set(True)  # at least one valid value
-    return x, scale, bias, w, mask
+        mask = rng.random(mask_shape) < 0.7
+        mask[tuple(min(1, d - 1) for d in mask_shape)] = True  # a valid value
+    f32 = (jnp.asarray(a, jnp.float32) for a in (scale, bias, w))
+    return (
+        jnp.asarray(x.astype(dtype)),
+        *f32,
+        None if mask is None else jnp.asarray(mask),
+    )
 
 
 def loss_of(fn, w, mask, **kw):
@@ -95,22 +111,41 @@ CASES = [
 TOL = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2, jnp.float16: 4e-3}
 
 
+@functools.partial(jax.jit, static_argnames="axes")
+def fused_and_reference(x, mask, scale, bias, w, *, axes):
+    """Both outputs and both gradients of ``sum(w * y)``, in one compiled program.
+
+    One compile per case, where running them eagerly compiles each operation
+    (the layer's path without jit is checked by the tests below).
+    """
+    grad_args = (x, scale, bias)
+    return (
+        fused(x, mask, scale, bias, axes=axes),
+        reference(x, mask, scale, bias, axes=axes),
+        jax.grad(loss_of(fused, w, mask, axes=axes), (0, 1, 2))(*grad_args),
+        jax.grad(loss_of(reference, w, mask, axes=axes), (0, 1, 2))(*grad_args),
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("fn", "axes"))
+def grads_of(fn, x, mask, scale, bias, w, *, axes):
+    """The gradients of ``sum(w * fn(x)[0])``, compiled once per shape."""
+    return jax.grad(loss_of(fn, w, mask, axes=axes), (0, 1, 2))(x, scale, bias)
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
 @pytest.mark.parametrize(("shape", "axes", "mask_shape"), CASES)
 def test_matches_autodiff_of_reference(shape, axes, mask_shape, dtype):
     x, scale, bias, w, mask = inputs(shape, axes, dtype, mask_shape)
-    y, m = fused(x, mask, scale, bias, axes=axes)
-    y_ref, mean_ref, var_ref = reference(x, mask, scale, bias, axes=axes)
+    (y, m), (y_ref, mean_ref, var_ref), grads, grads_ref = fused_and_reference(
+        x, mask, scale, bias, w, axes=axes
+    )
     assert y.dtype == dtype
     tol = TOL[dtype]
     chex.assert_trees_all_close(m.shift + m.offset, mean_ref, rtol=1e-5, atol=1e-5)
     chex.assert_trees_all_close(m.var, var_ref, rtol=1e-5, atol=1e-5)
     chex.assert_trees_all_close(
         y.astype(jnp.float32), y_ref.astype(jnp.float32), rtol=tol, atol=tol
-    )
-    grads = jax.grad(loss_of(fused, w, mask, axes=axes), (0, 1, 2))(x, scale, bias)
-    grads_ref = jax.grad(loss_of(reference, w, mask, axes=axes), (0, 1, 2))(
-        x, scale, bias
     )
     assert grads[0].dtype == dtype
     for g, g_ref in zip(grads, grads_ref, strict=True):
@@ -195,7 +230,7 @@ def test_gradients_against_float64_finite_differences(offset, masked):
 
 @pytest.mark.parametrize(("offset", "var_tol"), [(1e4, 1e-4), (1e6, 3e-4)])
 def test_variance_and_output_under_large_offset(offset, var_tol):
-    x = offset + jax.random.normal(jax.random.key(1), (4096, 2), jnp.float32)
+    x = jnp.asarray(offset + normal(1, (4096, 2)), jnp.float32)
     y, m = fused(x, axes=(0,))
     x64 = np.asarray(x, np.float64)
     mean64, var64 = x64.mean(0), x64.var(0)
@@ -208,7 +243,7 @@ def test_variance_and_output_under_large_offset(offset, var_tol):
 def test_mean_and_variance_accurate_from_zero_to_large_means(sigmas):
     # Means from 0 to 1000 std around a shift that is a batch value: the mean
     # within 1e-5 std, the variance within 1e-5, y within 1e-4.
-    x = sigmas * 2.0 + 2.0 * jax.random.normal(jax.random.key(4), (2**17, 3))
+    x = jnp.asarray(sigmas * 2.0 + 2.0 * normal(4, (2**17, 3)), jnp.float32)
     y, m = fused(x, axes=(0,))
     x64 = np.asarray(x, np.float64)
     mean = np.asarray(m.shift, np.float64) + np.asarray(m.offset, np.float64)
@@ -222,7 +257,7 @@ def test_training_step_writes_no_full_size_temporary():
     # XLA:CPU writes a producer or broadcast that two reduction fusions share to
     # memory; the training step keeps every full-size expression its own.
     layer = jaxbn.batch_norm()
-    x = jax.random.normal(jax.random.key(5), (32, 8, 8, 64))
+    x = jnp.asarray(normal(5, (32, 8, 8, 64)))
     params, stats = layer.init(x)
 
     def loss(x, params, stats, g):
@@ -237,7 +272,7 @@ def test_training_step_writes_no_full_size_temporary():
 def test_masked_first_value_recentres_around_the_data():
     # The first value is masked and the fallback (0) is far from the data: the
     # single pass cancels, so the second pass must take over.
-    x = 1e4 + jax.random.normal(jax.random.key(2), (4096, 2), jnp.float32)
+    x = jnp.asarray(1e4 + normal(2, (4096, 2)), jnp.float32)
     mask = jnp.ones((4096, 1), bool).at[0].set(False)
     _, m = fused(x, mask, axes=(0,))
     x64 = np.asarray(x, np.float64)[1:]
@@ -246,7 +281,7 @@ def test_masked_first_value_recentres_around_the_data():
 
 
 def test_float16_large_batch_gives_finite_stats_and_unit_std():
-    x = (300.0 * jax.random.normal(jax.random.key(3), (10**6, 2))).astype(jnp.float16)
+    x = jnp.asarray(300.0 * normal(3, (10**6, 2)), jnp.float16)
     y, m = fused(x, axes=(0,))
     assert m.var.dtype == jnp.float32
     assert bool(jnp.all(jnp.isfinite(m.var))) and bool(jnp.all(m.var > 0))
@@ -294,7 +329,7 @@ def test_nan_under_false_reaches_no_gradient():
 
 
 def test_all_masked_batch_gives_finite_output_and_zero_count():
-    x = jax.random.normal(jax.random.key(4), (8, 3))
+    x = jnp.asarray(normal(4, (8, 3)))
     y, m = fused(x, jnp.zeros((8, 1), bool), axes=(0,), fallback=jnp.ones((1, 3)))
     assert bool(jnp.all(jnp.isfinite(y)))
     chex.assert_trees_all_close(m.count, jnp.zeros((1, 3)))
@@ -341,9 +376,7 @@ def test_jit_vmap_and_remat_agree():
         return jnp.sum(jax.vmap(one)(x, mask, w))
 
     expected = [
-        jax.grad(loss_of(fused, w[i], mask[i], axes=axes), (0, 1, 2))(
-            x[i], scale[0], bias[0]
-        )
+        grads_of(fused, x[i], mask[i], scale[0], bias[0], w[i], axes=axes)
         for i in range(4)
     ]
     for fn in (loss, jax.jit(loss), jax.checkpoint(loss)):
@@ -380,9 +413,7 @@ def test_axis_name_under_vmap_matches_global_batch(masked, groups):
     for g in members:
         g = jnp.asarray(g)
         flat = (x[g].reshape(-1, 3), mask[g].reshape(-1, 1), w[g].reshape(-1, 3))
-        e = jax.grad(loss_of(reference, flat[2], flat[1], axes=(0,)), (0, 1, 2))(
-            flat[0], scale, bias
-        )
+        e = grads_of(reference, flat[0], flat[1], scale, bias, flat[2], axes=(0,))
         expected_dx = expected_dx.at[g].set(e[0].reshape(len(g), 8, 3))
         expected_ds, expected_db = expected_ds + e[1], expected_db + e[2]
     dx, ds, db = jax.jit(jax.grad(loss, (0, 1, 2)))(x, scale, bias)
@@ -411,9 +442,7 @@ def test_shard_map_on_eight_devices_matches_global_batch():
         grads = jax.jit(jax.grad(loss, (0, 1, 2)))(xs, scale, bias, ws)
     _, _, var_ref = reference(x, axes=(0,))
     chex.assert_trees_all_close(var, var_ref, rtol=1e-5)
-    expected = jax.grad(loss_of(reference, w, None, axes=(0,)), (0, 1, 2))(
-        x, scale, bias
-    )
+    expected = grads_of(reference, x, None, scale, bias, w, axes=(0,))
     chex.assert_trees_all_close(tuple(grads), expected, atol=1e-4)
 
 
@@ -446,15 +475,9 @@ def test_random_shapes_axes_and_masks(shape, data):
     x, scale, bias, w, mask = inputs(tuple(shape), axes, jnp.float32, mask_shape)
     if mask is not None:
         # Every feature needs a valid value for the reference to be finite.
-        mask = mask.at[tuple(0 if i in axes else slice(None) for i in range(ndim))].set(
-            True
-        )
-    grads, grads_ref = jax.jit(
-        lambda x, scale, bias: tuple(
-            jax.grad(loss_of(fn, w, mask, axes=axes), (0, 1, 2))(x, scale, bias)
-            for fn in (fused, reference)
-        )
-    )(x, scale, bias)
+        mask = np.array(mask)
+        mask[tuple(0 if i in axes else slice(None) for i in range(ndim))] = True
+    *_, grads, grads_ref = fused_and_reference(x, mask, scale, bias, w, axes=axes)
     for g, g_ref in zip(grads, grads_ref, strict=True):
         # Two values per feature make tiny gradients from O(1) terms: absolute
         # error at least ~1e-7 whatever the gradient's size.

@@ -27,6 +27,9 @@ from hypothesis import strategies as st
 import jaxbn
 from jaxbn import interop
 
+# Any random values do here: see the fixture (conftest.py).
+pytestmark = pytest.mark.usefixtures("non_partitionable_threefry")
+
 
 def _close(actual, desired, rtol: float = 1e-5, atol: float = 1e-5) -> None:
     np.testing.assert_allclose(

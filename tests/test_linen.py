@@ -13,6 +13,10 @@ import pytest
 
 import jaxbn.linen
 
+# Any initial parameters do: see the fixture (conftest.py).
+pytestmark = pytest.mark.usefixtures("non_partitionable_threefry")
+
+
 # (axis, x shape) pairs: channels-last, channels-first, two feature axes, NHWC.
 GEOMETRIES = [(-1, (8, 5)), (1, (4, 3, 5)), ((1, 2), (4, 3, 5, 2)), (-1, (4, 6, 6, 3))]
 
@@ -41,10 +45,13 @@ def assert_grads_close(actual: Any, expected: Any, tol: float, n: int) -> None:
 
 
 def data(step: int, shape: tuple, dtype: Any = jnp.float32) -> jax.Array:
-    """Well-conditioned data: mean 3, standard deviation 2."""
-    return (3.0 + 2.0 * jax.random.normal(jax.random.key(10 + step), shape)).astype(
-        dtype
-    )
+    """Well-conditioned data: mean 3, standard deviation 2.
+
+    Drawn by NumPy: jax.random compiles a program for each new shape, which
+    takes XLA:CPU seconds for shapes with a short last axis such as (4, 6, 6, 2).
+    """
+    x = 3.0 + 2.0 * np.random.default_rng(10 + step).standard_normal(shape)
+    return jnp.asarray(x.astype(np.float32), dtype)
 
 
 def stats_only(batch_stats: Any) -> Any:
@@ -291,6 +298,7 @@ def cnn_train_step(variables: dict, x: jax.Array) -> dict:
     return {"params": params, **updates}
 
 
+@functools.cache  # once per module: two tests read it, neither changes it
 def trained_cnn(steps: int = 3) -> tuple[Any, jax.Array]:
     x = data(0, (4, 6, 6, 2))
     variables = CNN().init(jax.random.key(0), x, train=False)

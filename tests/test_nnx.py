@@ -14,6 +14,9 @@ from test_linen import GEOMETRIES, assert_close, assert_grads_close, data
 
 import jaxbn.nnx
 
+# Any random values do here: see the fixture (conftest.py).
+pytestmark = pytest.mark.usefixtures("non_partitionable_threefry")
+
 
 @nnx.jit
 def train_step(model: nnx.Module, x: jax.Array):

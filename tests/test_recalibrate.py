@@ -7,6 +7,7 @@ batch's moments are within a few float32 ulps (~1e-7 relative) and the merge
 adds a few more, so 1e-5 of the statistics' magnitude is a safe bound.
 """
 
+import functools
 import sys
 from typing import Any
 
@@ -22,6 +23,10 @@ import jaxbn.linen
 import jaxbn.nnx
 
 TOL = 1e-5
+
+
+# Any initial parameters do: see the fixture (conftest.py).
+pytestmark = pytest.mark.usefixtures("non_partitionable_threefry")
 
 
 def pooled(values: list[np.ndarray], axis: int = -1) -> tuple[np.ndarray, np.ndarray]:
@@ -193,14 +198,16 @@ def linen_setup(masked=False):
 def linen_reference(model, variables, batches):
     """The BN inputs of each batch in training mode, captured by Flax."""
     inputs = {"bn0": [], "bn1": []}
-    for b in batches:
-        _, state = model.apply(
-            variables,
-            b,
+    apply = jax.jit(
+        functools.partial(
+            model.apply,
             train=True,
             mutable=["batch_stats", "intermediates"],
             capture_intermediates=True,
         )
+    )
+    for b in batches:
+        _, state = apply(variables, b)
         inputs["bn0"].append(
             np.asarray(state["intermediates"]["dense0"]["__call__"][0])
         )
@@ -319,7 +326,10 @@ def test_mnist_recalibration_beats_stale_moving_averages():
     config = Config(features=(8, 16), hidden=32, batch_size=64, bn_warmup=False)
     train_x, train_y = input_pipeline.load_split("train", limit=1600)
     test_x, test_y = input_pipeline.load_split("test", limit=1000)
-    state = train.create_train_state(config, jax.random.key(0), 25)
+    # One compiled initialization: flax's init, run eagerly, compiles every
+    # operation of the model.
+    create = jax.jit(train.create_train_state, static_argnums=(0, 2))
+    state = create(config, jax.random.key(0), 25)
     rng = np.random.default_rng(0)
     for x, y in input_pipeline.train_batches(train_x, train_y, 64, rng):
         state, _ = train.train_step(state, x, y)
@@ -334,11 +344,13 @@ def test_mnist_recalibration_beats_stale_moving_averages():
     after = train.evaluate(
         state.replace(batch_stats=new["batch_stats"]), test_x, test_y, 500
     )
-    assert after["correct"] >= before["correct"]
+    # Measured: 677 of 1000 before, 803 after (a recalibration that kept the
+    # stale statistics would give the same count).
+    assert after["correct"] > before["correct"]
 
     # The first batch norm's input is the first convolution's output.
-    convs = []
-    for b in batches:
+    @jax.jit
+    def first_conv(b):
         _, state_b = model.apply(
             variables,
             b,
@@ -346,7 +358,9 @@ def test_mnist_recalibration_beats_stale_moving_averages():
             mutable=["batch_stats", "intermediates"],
             capture_intermediates=lambda m, _: m.name == "Conv_0",
         )
-        convs.append(np.asarray(state_b["intermediates"]["Conv_0"]["__call__"][0]))
+        return state_b["intermediates"]["Conv_0"]["__call__"][0]
+
+    convs = [np.asarray(first_conv(b)) for b in batches]
     assert_stats(new["batch_stats"]["BatchNorm_0"], *pooled(convs))
     assert new["params"] is variables["params"]
 

@@ -25,6 +25,9 @@ import jaxbn.equinox
 import jaxbn.linen
 import jaxbn.nnx
 
+# Any random values do here: see the fixture (conftest.py).
+pytestmark = pytest.mark.usefixtures("non_partitionable_threefry")
+
 DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]
 OPTIONS = [{}, {"renorm": True}, {"running_var": "unbiased", "virtual_batch_size": 4}]
 

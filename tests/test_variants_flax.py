@@ -16,6 +16,9 @@ import jaxbn
 import jaxbn.linen
 import jaxbn.nnx
 
+# Any random values do here: see the fixture (conftest.py).
+pytestmark = pytest.mark.usefixtures("non_partitionable_threefry")
+
 OPTIONS = [
     {"momentum": None, "warmup": False, "running_var": "unbiased"},
     {"renorm": True, "rmax": 1.5, "dmax": 0.5, "renorm_momentum": 0.8},

@@ -27,6 +27,10 @@ CONFIG = Config(
 )
 
 
+# Any initial parameters do: see the fixture (conftest.py).
+pytestmark = pytest.mark.usefixtures("non_partitionable_threefry")
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, train.TrainState]:
     workdir = tmp_path_factory.mktemp("mnist")
