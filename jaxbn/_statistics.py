@@ -192,17 +192,9 @@ class _Config(NamedTuple):
 
 
 def _passes(cfg: _Config, x: jax.Array, mask: Any, shift: jax.Array) -> ShiftedMoments:
-    """The sums and re-centring passes; never differentiated.
-
-    One ``lax.while_loop`` holds the only copy of the pass: its first
-    iteration always runs (the sums around the running mean), later ones
-    re-centre. A single copy of the pass keeps the compiled program small,
-    which is what a model with many batch norms pays for at compile time.
-    """
+    """The sums and re-centring passes; never differentiated."""
     xs = x.astype(mean_dtype(x.dtype))
     local_count = _count(x, mask, cfg.axes)
-    real = real_dtype(x.dtype)
-    resolution = (4.0 * float(jnp.finfo(real).eps)) ** 2
 
     def one_pass(shift: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         d1, d2 = shifted_pair(xs, shift)
@@ -227,57 +219,29 @@ def _passes(cfg: _Config, x: jax.Array, mask: Any, shift: jax.Array) -> ShiftedM
         var = lax.select(overflow, jnp.full_like(var, jnp.inf), var)
         return count, offset, var
 
-    def again(state: tuple) -> jax.Array:
+    count, offset, var = one_pass(shift)
+    # The same type as offset (sharding, shard_map variance) for the loop.
+    shift = shift + jnp.zeros_like(offset)
+    resolution = (4.0 * float(jnp.finfo(var.dtype).eps)) ** 2
+
+    def far(state: tuple) -> jax.Array:
         i, _, shift, offset, var = state
         worse = jnp.any(abs2(offset) > _RECENTRE * var + resolution * abs2(shift))
         if cfg.groups is not None:
             # Each group has its own statistics; every device must still take
             # the same number of passes, since each pass has an all-reduce.
             worse = lax.pmax(worse.astype(jnp.int32), cfg.axis_name) > 0
-        return (i == 0) | ((i <= _MAX_RECENTRES) & worse)
+        return (i < _MAX_RECENTRES) & worse
 
-    def one_more(state: tuple) -> tuple:
+    def recentre(state: tuple) -> tuple:
         i, _, shift, offset, _ = state
-        shift = shift + offset  # offset is 0 before the first pass
+        shift = shift + offset
         count, offset, var = one_pass(shift)
         return i + 1, count, shift, offset, var
 
-    zeros = jnp.zeros_like(shift)
-    start = (jnp.int32(0), zeros.real, shift, zeros, zeros.real)
-    if _varying(jax.typeof(x)) or cfg.groups is not None:  # inside shard_map
-        start = _typed_like_the_sums(one_more, start)
-    _, count, shift, offset, var = lax.while_loop(again, one_more, start)
+    state = (jnp.int32(0), count, shift, offset, var)
+    _, count, shift, offset, var = lax.while_loop(far, recentre, state)
     return ShiftedMoments(count, shift, offset, var)
-
-
-def _typed_like_the_sums(one_more: Any, state: tuple) -> tuple:
-    """The loop's first state, marked varying where ``one_more``'s output is.
-
-    Inside ``jax.shard_map`` the sums may vary along mesh axes that the running
-    mean does not (axes that are not reduced over, or the groups of
-    ``axis_index_groups``); a ``while_loop`` needs its first state typed like
-    what its body returns, so the zeros are marked varying along those axes
-    (free: no communication). The body's output types are found by tracing it
-    abstractly (``jax.eval_shape``), until they no longer change. Outside
-    ``shard_map`` nothing varies and this is not called (it costs a trace).
-    """
-    for _ in range(len(state)):
-        out = jax.eval_shape(one_more, state)
-        pairs = zip(state, out, strict=True)
-        missing = [_varying(o) - _varying(jax.typeof(a)) for a, o in pairs]
-        if not any(missing):
-            break
-        state = tuple(
-            lax.pcast(a, tuple(sorted(m, key=str)), to="varying") if m else a
-            for a, m in zip(state, missing, strict=True)
-        )
-    return state
-
-
-def _varying(aval: Any) -> frozenset:
-    """The mesh axes along which a (shard_map) value varies; empty elsewhere."""
-    manual = getattr(aval, "manual_axis_type", None)
-    return frozenset(getattr(manual, "varying", ()) or ())
 
 
 @partial(jax.custom_jvp, nondiff_argnums=(0,))
