@@ -23,18 +23,30 @@ import jax.numpy as jnp
 NUM_CLASSES = 1000
 
 
-class BasicBlock(nn.Module):
-    """Two 3x3 convolutions and a shortcut (ResNet-18/34).
+class _Block(nn.Module):
+    """A residual block: its width, its stride and its batch norm.
 
     Attributes:
-      filters: output channels.
-      strides: stride of the first convolution.
+      filters: channels of its convolutions (a bottleneck's output has 4x).
+      strides: stride of the block's strided convolution (and shortcut).
       norm: batch-norm constructor (``use_running_average`` already bound).
     """
 
     filters: int
     strides: int
     norm: Callable[..., nn.Module]
+
+    def shortcut(self, x: jax.Array, y: jax.Array) -> jax.Array:
+        """``relu(x + y)``, x projected and normalized where the shape changes."""
+        if x.shape != y.shape:
+            s = (self.strides, self.strides)
+            x = nn.Conv(y.shape[-1], (1, 1), s, use_bias=False)(x)
+            x = self.norm()(x)
+        return nn.relu(x + y)
+
+
+class BasicBlock(_Block):
+    """Two 3x3 convolutions and a shortcut (ResNet-18/34)."""
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -44,24 +56,11 @@ class BasicBlock(nn.Module):
         y = nn.relu(self.norm()(y))
         y = nn.Conv(self.filters, (3, 3), use_bias=False)(y)
         y = self.norm(scale_init=nn.initializers.zeros)(y)
-        if x.shape != y.shape:
-            x = nn.Conv(self.filters, (1, 1), s, use_bias=False)(x)
-            x = self.norm()(x)
-        return nn.relu(x + y)
+        return self.shortcut(x, y)
 
 
-class Bottleneck(nn.Module):
-    """1x1, 3x3 and 1x1 convolutions (4x wider output) and a shortcut (ResNet-50+).
-
-    Attributes:
-      filters: channels of the inner convolutions; the output has 4x as many.
-      strides: stride of the 3x3 convolution.
-      norm: batch-norm constructor (``use_running_average`` already bound).
-    """
-
-    filters: int
-    strides: int
-    norm: Callable[..., nn.Module]
+class Bottleneck(_Block):
+    """1x1, 3x3 and 1x1 convolutions (4x wider output) and a shortcut (ResNet-50+)."""
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -72,10 +71,7 @@ class Bottleneck(nn.Module):
         y = nn.relu(self.norm()(y))
         y = nn.Conv(4 * self.filters, (1, 1), use_bias=False)(y)
         y = self.norm(scale_init=nn.initializers.zeros)(y)
-        if x.shape != y.shape:
-            x = nn.Conv(4 * self.filters, (1, 1), s, use_bias=False)(x)
-            x = self.norm()(x)
-        return nn.relu(x + y)
+        return self.shortcut(x, y)
 
 
 class ResNet(nn.Module):

@@ -406,24 +406,31 @@ def plot_roofline(run: dict[str, Any], donated: dict[str, Any]) -> Any:
     return fig
 
 
-def end_to_end_markdown(name: str = "end-to-end") -> str:
-    """The whole-model report of ``benchmarks/results/<name>.json`` (Markdown).
+def _benchmark_report(name: str, module: str, what: str) -> str:
+    """``benchmarks.<module>.render`` of ``benchmarks/results/<name>.json``.
 
-    Headings become bold lines, so the report can sit inside a page section.
-    Says so when the file has not been committed yet.
+    Says so, naming the file, when it has not been committed yet.
     """
     path = RESULTS / f"{name}.json"
     if not path.exists():
         return (
-            f"No whole-model results are committed yet (`{path.relative_to(ROOT)}`); "
+            f"No {what} results are committed yet (`{path.relative_to(ROOT)}`); "
             "the command above writes them."
         )
+    import importlib
     import sys
 
     sys.path.insert(0, str(ROOT))
-    from benchmarks.end_to_end_report import render
+    render = importlib.import_module(f"benchmarks.{module}").render
+    return render(json.loads(path.read_text()))
 
-    lines = render(json.loads(path.read_text())).splitlines()
+
+def end_to_end_markdown(name: str = "end-to-end") -> str:
+    """The whole-model report of ``benchmarks/results/<name>.json`` (Markdown).
+
+    Headings become bold lines, so the report can sit inside a page section.
+    """
+    lines = _benchmark_report(name, "end_to_end_report", "whole-model").splitlines()
     return "\n".join(
         f"**{line.lstrip('#').strip()}**" if line.startswith("#") else line
         for line in lines
@@ -432,18 +439,7 @@ def end_to_end_markdown(name: str = "end-to-end") -> str:
 
 def compile_time_markdown(name: str = "compile-time") -> str:
     """The whole-model compile-time table of ``benchmarks/results/<name>.json``."""
-    path = RESULTS / f"{name}.json"
-    if not path.exists():
-        return (
-            f"No compile-time results are committed yet (`{path.relative_to(ROOT)}`); "
-            "the command above writes them."
-        )
-    import sys
-
-    sys.path.insert(0, str(ROOT))
-    from benchmarks.compile_time import render
-
-    return render(json.loads(path.read_text()))
+    return _benchmark_report(name, "compile_time", "compile-time")
 
 
 def png(fig: Any) -> Any:
