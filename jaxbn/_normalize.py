@@ -48,16 +48,17 @@ def clip_bound(name: str, value: Any, count: jax.Array) -> jax.Array:
 
 
 def inverse_std(var: jax.Array, epsilon: float) -> jax.Array:
-    """``rsqrt(var + epsilon)``, and exactly 0 where the variance is infinite.
+    """``1 / sqrt(var + epsilon)``: exactly 0 where the variance is infinite.
 
-    An overflowing batch has ``var = inf``; XLA:CPU's vectorized rsqrt (with
-    its Newton step) gives NaN there, not 0, so the infinite case is chosen
-    explicitly: such a feature normalizes to the bias, with zero gradient.
+    An overflowing batch has ``var = inf``; ``sqrt`` then gives inf and the
+    division 0, so such a feature normalizes to the bias, with zero gradient.
+    (XLA:CPU's vectorized ``rsqrt``, with its Newton step, gives NaN for inf,
+    and would need a select of its own.) A division ends the expression: XLA
+    computes an expensive per-feature value once instead of once per element
+    of every full-size pass that reads it.
     """
     real = var.dtype
-    inv = lax.rsqrt(var + jnp.asarray(epsilon, real))
-    # lax.select, not jnp.where: no wrapped call in the compiled program.
-    return lax.select(var == jnp.inf, jnp.zeros_like(inv), inv)
+    return 1.0 / jnp.sqrt(var + jnp.asarray(epsilon, real))
 
 
 def normalize(

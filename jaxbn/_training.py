@@ -153,27 +153,43 @@ def _forward(
     scale: jax.Array | None,
     bias: jax.Array | None,
     running: Running,
-) -> tuple[jax.Array, ShiftedMoments, jax.Array, Any]:
-    """``(y, moments, variance used, renorm's (r, d) or None)``.
+) -> tuple[jax.Array, ShiftedMoments, ShiftedMoments, jax.Array, Any]:
+    """``(y, moments, saved, variance, renorm's (r, d) or None)``.
 
-    All differentiable (no stop_gradient) but renorm's ``(r, d)``.
+    ``saved`` is ``moments`` named for the checkpoint policy; the variance and
+    ``(r, d)`` are computed from it, for the tangent rule only. y and the
+    returned moments use the unnamed ones: a saved value that the forward
+    also uses gets a ``reduce_precision`` from ``jax.checkpoint``, one more
+    compiled kernel per statistic.
     """
     axes, epsilon, axis_name, groups, dtype = static
     m = shifted_moments(x, axes, mask, axis_name, groups, running.mean)
-    m = ShiftedMoments(*(checkpoint_name(a, SAVED) for a in m))
+    saved = ShiftedMoments(*(checkpoint_name(a, SAVED) for a in m))
+    var, corr = _variance_used(static, x, mask, running, m)
+    if corr is not None:  # renorm: (x_hat * r + d) * scale + bias
+        scale, bias = corrected(scale, bias, *corr)
+    y = normalize(x, m.offset, var, scale, bias, epsilon, dtype, m.shift)
+    return (y, m, saved, *_variance_used(static, x, mask, running, saved))
+
+
+def _variance_used(
+    static: StepOptions,
+    x: jax.Array,
+    mask: jax.Array | None,
+    running: Running,
+    m: ShiftedMoments,
+) -> tuple[jax.Array, Any]:
+    """The variance that normalizes x, and renorm's ``(r, d)`` or None."""
     # Features with no valid value have offset 0 around the running mean
     # already; they take the running variance too. Without a mask every
     # feature of a non-empty batch has values: no select to compile.
     var = m.var
-    if not always_counted(x, mask, axes):
+    if not always_counted(x, mask, static.reduction_axes):
         var = jnp.where(m.count > 0, m.var, running.var.astype(m.var.dtype))
-    corr = None
-    if running.renorm is not None:  # renorm: (x_hat * r + d) * scale + bias
-        mean = m.shift + m.offset
-        corr = renorm_correction(m.count, mean, var, running.renorm, epsilon)
-        scale, bias = corrected(scale, bias, *corr)
-    y = normalize(x, m.offset, var, scale, bias, epsilon, dtype, m.shift)
-    return y, m, var, corr
+    if running.renorm is None:
+        return var, None
+    mean = m.shift + m.offset
+    return var, renorm_correction(m.count, mean, var, running.renorm, static.epsilon)
 
 
 @partial(jax.custom_jvp, nondiff_argnums=(0,))
@@ -185,7 +201,7 @@ def _train(
     bias: jax.Array | None,
     running: Running,
 ) -> tuple[jax.Array, ShiftedMoments]:
-    y, m, _, _ = _forward(static, x, mask, scale, bias, running)
+    y, m, _, _, _ = _forward(static, x, mask, scale, bias, running)
     return y, lax.stop_gradient(m)
 
 
@@ -209,7 +225,7 @@ def _train_jvp(static: StepOptions, primals: tuple, tangents: tuple) -> tuple:
     x, mask, scale, bias, running = primals
     dx, _, dscale, dbias, _ = tangents
     axes, epsilon, axis_name, groups, _ = static
-    y, m, var, corr = _forward(static, x, mask, scale, bias, running)
+    y, moments, m, var, corr = _forward(static, x, mask, scale, bias, running)
     real = var.dtype
     r = inverse_std(var, epsilon)
     g = r if scale is None else r * scale.astype(real)
@@ -242,5 +258,5 @@ def _train_jvp(static: StepOptions, primals: tuple, tangents: tuple) -> tuple:
     if corr is not None and dscale is not None:
         per_1 = per_1 + dscale.astype(real) * corr[1]
     dy = g * dx.astype(m.shift.dtype) + centred * per_c + per_1
-    zeros = jax.tree.map(jnp.zeros_like, m)
-    return (y, lax.stop_gradient(m)), (dy.astype(y.dtype), zeros)
+    zeros = jax.tree.map(jnp.zeros_like, moments)
+    return (y, lax.stop_gradient(moments)), (dy.astype(y.dtype), zeros)
