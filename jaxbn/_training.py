@@ -19,6 +19,7 @@ it instead of storing full-size intermediates, and never re-runs the passes.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Hashable
 from functools import partial
 from typing import Any, NamedTuple
@@ -192,6 +193,19 @@ def _variance_used(
     return var, renorm_correction(m.count, mean, var, running.renorm, static.epsilon)
 
 
+def _inverse_count(
+    static: StepOptions, x: jax.Array, mask: jax.Array | None, count: jax.Array
+) -> Any:
+    """``1 / max(count, 1)``; a Python float when the count is known when tracing.
+
+    (Without a mask or a named axis: then no per-feature kernel computes it.)
+    """
+    axes = static.reduction_axes
+    if static.axis_name is None and always_counted(x, mask, axes):
+        return 1.0 / math.prod(x.shape[a] for a in axes)
+    return 1.0 / jnp.maximum(count, 1.0)
+
+
 @partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _train(
     static: StepOptions,
@@ -247,7 +261,7 @@ def _train_jvp(static: StepOptions, primals: tuple, tangents: tuple) -> tuple:
     # An overflowed feature (r = 0) has a constant output: its sums may be
     # inf, and 0 * inf would be NaN.
     sum_tc = jnp.where(r == 0, jnp.zeros_like(sum_tc), sum_tc)
-    inv_n = 1.0 / jnp.maximum(m.count, 1.0)
+    inv_n = _inverse_count(static, x, mask, m.count)
     per_c = -(g * r * r) * (sum_tc * inv_n)
     if dscale is not None:
         dscale_r = dscale.astype(real) * r
