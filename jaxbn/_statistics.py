@@ -183,6 +183,15 @@ def _count(x: jax.Array, mask: jax.Array | None, axes: tuple[int, ...]) -> jax.A
     return jnp.broadcast_to(count * jnp.asarray(repeats, dtype), kept)
 
 
+def _static_count(cfg: Any, x: jax.Array, mask: Any) -> float | None:
+    """The global count of every feature when known at trace time (no mask)."""
+    if mask is not None or any(x.shape[a] == 0 for a in cfg.axes):
+        return None
+    return float(math.prod(x.shape[a] for a in cfg.axes)) * devices_in_axis(
+        cfg.axis_name, cfg.groups
+    )
+
+
 class _Config(NamedTuple):
     """Static (hashable) settings of one statistics call."""
 
@@ -195,28 +204,41 @@ def _passes(cfg: _Config, x: jax.Array, mask: Any, shift: jax.Array) -> ShiftedM
     """The sums and re-centring passes; never differentiated."""
     xs = x.astype(mean_dtype(x.dtype))
     local_count = _count(x, mask, cfg.axes)
+    total = _static_count(cfg, x, mask)
 
     def one_pass(shift: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         d1, d2 = shifted_pair(xs, shift)
         d2 = abs2(d2)
         if mask is not None:
             d1, d2 = weigh(d1, mask), weigh(d2, mask)
+        if total is not None:
+            # A count known when tracing divides each term of the first sum:
+            # it is then the mean offset itself (no per-feature kernel makes
+            # it), and it cannot overflow. (Only that one: a constant factor
+            # shared by both reductions is written out full-size by XLA:CPU.)
+            d1 = d1 * (1.0 / total)
         s1 = jnp.sum(d1, cfg.axes, keepdims=True)
         s2 = jnp.sum(d2, cfg.axes, keepdims=True)
         # Typed like the sums (sharding, shard_map variance), for selects.
         count = local_count + jnp.zeros_like(s2)
-        if cfg.axis_name is not None:
-            count, s1, s2 = psum_parts([count, s1, s2], cfg.axis_name, cfg.groups)
-        safe = jnp.maximum(count, 1.0)
-        offset = s1 / safe
-        var = jnp.maximum(s2 / safe - abs2(offset), 0.0)
-        # A sum of squares that overflows (finite x, |x - shift| ~ 1e19 in
-        # float32) makes the variance inf, exactly: the offset is then set to
-        # 0, so that x - shift stays finite and normalizes to the bias.
-        # (NaN input keeps s2 NaN, never inf.)
-        overflow = s2 == jnp.inf
-        offset = lax.select(overflow, jnp.zeros_like(offset), offset)
-        var = lax.select(overflow, jnp.full_like(var, jnp.inf), var)
+        if total is not None:
+            if cfg.axis_name is not None:
+                s1, s2 = psum_parts([s1, s2], cfg.axis_name, cfg.groups)
+            count = jnp.zeros_like(s2) + total
+            offset, mean_square = s1, s2 / total
+        else:
+            if cfg.axis_name is not None:
+                count, s1, s2 = psum_parts([count, s1, s2], cfg.axis_name, cfg.groups)
+            safe = jnp.maximum(count, 1.0)
+            offset, mean_square = s1 / safe, s2 / safe
+            # A sum of squares that overflows (finite x, |x - shift| ~ 1e19 in
+            # float32) may overflow the sum of x - shift as well: the offset is
+            # then set to 0, so that x - shift stays finite.
+            offset = lax.select(s2 == jnp.inf, jnp.zeros_like(offset), offset)
+        # An infinite mean square makes the variance inf, exactly, and the
+        # feature normalizes to the bias (NaN input keeps it NaN, never inf).
+        var = jnp.maximum(mean_square - abs2(offset), 0.0)
+        var = lax.select(mean_square == jnp.inf, jnp.full_like(var, jnp.inf), var)
         return count, offset, var
 
     count, offset, var = one_pass(shift)
