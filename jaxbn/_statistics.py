@@ -18,7 +18,9 @@ The design, the same for one device and for many:
    free when not taken, at most twice; its predicate is the same on every
    device). The result loses at most about one bit against an exact two-pass
    computation, whatever the order of the batch, and ``E[x^2] - E[x]^2`` is
-   never formed.
+   never formed. When the count is known at trace time (no mask) each term of
+   ``s1`` is divided by it inside the reduction, so the sum is ``offset``
+   itself: it cannot overflow, and no separate kernel computes it.
 
 The statistics are computed in float32, or float64 for float64 input; complex
 input has a complex mean and the real variance ``E|x - mean|^2``. Their
@@ -184,12 +186,21 @@ def _count(x: jax.Array, mask: jax.Array | None, axes: tuple[int, ...]) -> jax.A
 
 
 def _static_count(cfg: Any, x: jax.Array, mask: Any) -> float | None:
-    """The global count of every feature when known at trace time (no mask)."""
-    if mask is not None or any(x.shape[a] == 0 for a in cfg.axes):
+    """The global count of every feature when known at trace time (no mask, no groups).
+
+    An unbound ``axis_name`` raises JAX's own NameError here, as the psum
+    would (``jaxbn.recalibrate`` relies on it to find the names to bind).
+    """
+    # With axis_index_groups the count stays a psum: a group may hold
+    # indices the axis does not have (``recalibrate`` binds size-1 axes).
+    if mask is not None or cfg.groups is not None:
         return None
-    return float(math.prod(x.shape[a] for a in cfg.axes)) * devices_in_axis(
-        cfg.axis_name, cfg.groups
-    )
+    if any(x.shape[a] == 0 for a in cfg.axes):
+        return None
+    devices = 1
+    if cfg.axis_name is not None:
+        devices = int(lax.axis_size(cfg.axis_name))  # pyright: ignore[reportArgumentType]
+    return float(math.prod(x.shape[a] for a in cfg.axes)) * devices
 
 
 class _Config(NamedTuple):
