@@ -211,6 +211,22 @@ class _Config(NamedTuple):
     groups: tuple[tuple[int, ...], ...] | None
 
 
+def _root_inverse(total: float) -> float:
+    """``sqrt(1 / total)`` rounded to float32 (as it multiplies float32 terms)."""
+    return float(np.float32(math.sqrt(1.0 / total)))
+
+
+def _variance(offset: jax.Array, mean_square: jax.Array) -> jax.Array:
+    """``mean_square - |offset|**2``, never negative; inf if the mean square is.
+
+    An infinite mean square (finite x, ``|x - shift|`` ~ 1e19 in float32) makes
+    the variance inf, exactly, and the feature normalizes to the bias (NaN
+    input keeps it NaN, never inf).
+    """
+    var = jnp.maximum(mean_square - abs2(offset), 0.0)
+    return lax.select(mean_square == jnp.inf, jnp.full_like(var, jnp.inf), var)
+
+
 def _passes(cfg: _Config, x: jax.Array, mask: Any, shift: jax.Array) -> ShiftedMoments:
     """The sums and re-centring passes; never differentiated."""
     xs = x.astype(mean_dtype(x.dtype))
@@ -219,15 +235,16 @@ def _passes(cfg: _Config, x: jax.Array, mask: Any, shift: jax.Array) -> ShiftedM
 
     def one_pass(shift: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         d1, d2 = shifted_pair(xs, shift)
+        if total is not None:
+            # A count known when tracing divides each term: the sums are then
+            # the mean offset and the mean square themselves (no per-feature
+            # kernel makes them), and the first cannot overflow. (Two
+            # different factors: one shared by both reductions would be
+            # written out full-size by XLA:CPU.)
+            d1, d2 = d1 * (1.0 / total), d2 * _root_inverse(total)
         d2 = abs2(d2)
         if mask is not None:
             d1, d2 = weigh(d1, mask), weigh(d2, mask)
-        if total is not None:
-            # A count known when tracing divides each term of the first sum:
-            # it is then the mean offset itself (no per-feature kernel makes
-            # it), and it cannot overflow. (Only that one: a constant factor
-            # shared by both reductions is written out full-size by XLA:CPU.)
-            d1 = d1 * (1.0 / total)
         s1 = jnp.sum(d1, cfg.axes, keepdims=True)
         s2 = jnp.sum(d2, cfg.axes, keepdims=True)
         # Typed like the sums (sharding, shard_map variance), for selects.
@@ -236,7 +253,8 @@ def _passes(cfg: _Config, x: jax.Array, mask: Any, shift: jax.Array) -> ShiftedM
             if cfg.axis_name is not None:
                 s1, s2 = psum_parts([s1, s2], cfg.axis_name, cfg.groups)
             count = jnp.zeros_like(s2) + total
-            offset, mean_square = s1, s2 / total
+            # The float32 root's square is not exactly 1 / total: correct it.
+            offset, mean_square = s1, s2 * (1.0 / (total * _root_inverse(total) ** 2))
         else:
             if cfg.axis_name is not None:
                 count, s1, s2 = psum_parts([count, s1, s2], cfg.axis_name, cfg.groups)
@@ -246,19 +264,19 @@ def _passes(cfg: _Config, x: jax.Array, mask: Any, shift: jax.Array) -> ShiftedM
             # float32) may overflow the sum of x - shift as well: the offset is
             # then set to 0, so that x - shift stays finite.
             offset = lax.select(s2 == jnp.inf, jnp.zeros_like(offset), offset)
-        # An infinite mean square makes the variance inf, exactly, and the
-        # feature normalizes to the bias (NaN input keeps it NaN, never inf).
-        var = jnp.maximum(mean_square - abs2(offset), 0.0)
-        var = lax.select(mean_square == jnp.inf, jnp.full_like(var, jnp.inf), var)
-        return count, offset, var
+        return count, offset, mean_square
 
-    count, offset, var = one_pass(shift)
+    # The loop carries the mean square, not the variance: the variance is
+    # computed where it is read (the test, and once after the loop), so no
+    # kernel of the pass computes it.
+    count, offset, mean_square = one_pass(shift)
     # The same type as offset (sharding, shard_map variance) for the loop.
     shift = shift + jnp.zeros_like(offset)
-    resolution = (4.0 * float(jnp.finfo(var.dtype).eps)) ** 2
+    resolution = (4.0 * float(jnp.finfo(mean_square.dtype).eps)) ** 2
 
     def far(state: tuple) -> jax.Array:
-        i, _, shift, offset, var = state
+        i, _, shift, offset, mean_square = state
+        var = _variance(offset, mean_square)
         worse = jnp.any(abs2(offset) > _RECENTRE * var + resolution * abs2(shift))
         if cfg.groups is not None:
             # Each group has its own statistics; every device must still take
@@ -269,11 +287,12 @@ def _passes(cfg: _Config, x: jax.Array, mask: Any, shift: jax.Array) -> ShiftedM
     def recentre(state: tuple) -> tuple:
         i, _, shift, offset, _ = state
         shift = shift + offset
-        count, offset, var = one_pass(shift)
-        return i + 1, count, shift, offset, var
+        count, offset, mean_square = one_pass(shift)
+        return i + 1, count, shift, offset, mean_square
 
-    state = (jnp.int32(0), count, shift, offset, var)
-    _, count, shift, offset, var = lax.while_loop(far, recentre, state)
+    state = (jnp.int32(0), count, shift, offset, mean_square)
+    _, count, shift, offset, mean_square = lax.while_loop(far, recentre, state)
+    var = _variance(offset, mean_square)
     return ShiftedMoments(count, shift, offset, var)
 
 
