@@ -18,9 +18,10 @@ The design, the same for one device and for many:
    free when not taken, at most twice; its predicate is the same on every
    device). The result loses at most about one bit against an exact two-pass
    computation, whatever the order of the batch, and ``E[x^2] - E[x]^2`` is
-   never formed. When the count is known at trace time (no mask) each term of
-   ``s1`` is divided by it inside the reduction, so the sum is ``offset``
-   itself: it cannot overflow, and no separate kernel computes it.
+   never formed. When the count is known at trace time (no mask, no groups)
+   the terms are scaled inside the reductions, so the sums are ``offset`` and
+   the mean square themselves: the offset cannot overflow, and no separate
+   kernel computes either.
 
 The statistics are computed in float32, or float64 for float64 input; complex
 input has a complex mean and the real variance ``E|x - mean|^2``. Their
@@ -212,17 +213,27 @@ class _Config(NamedTuple):
 
 
 def _root_inverse(total: float) -> float:
-    """``sqrt(1 / total)`` rounded to float32 (as it multiplies float32 terms)."""
-    return float(np.float32(math.sqrt(1.0 / total)))
+    """A power of two near ``sqrt(1 / total)``: scaling by it is exact.
+
+    The mean square is then ``sum((d * c)**2) * (1 / (total * c**2))``: for a
+    power-of-two count exactly ``sum(d**2) / total`` rounded once, otherwise
+    within one more rounding.
+    """
+    return 2.0 ** -round(math.log2(total) / 2)
 
 
-def _variance(offset: jax.Array, mean_square: jax.Array) -> jax.Array:
-    """``mean_square - |offset|**2``, never negative; inf if the mean square is.
+def _variance(offset: jax.Array, squares: jax.Array, factor: float) -> jax.Array:
+    """``squares * factor - |offset|**2``, never negative; inf if the first is.
+
+    ``squares * factor`` is the mean square (``factor`` undoes the power of two
+    that scaled the terms; computed here, where the variance is read, rather
+    than after the reduction, where it would be one more kernel).
 
     An infinite mean square (finite x, ``|x - shift|`` ~ 1e19 in float32) makes
     the variance inf, exactly, and the feature normalizes to the bias (NaN
     input keeps it NaN, never inf).
     """
+    mean_square = squares * factor if factor != 1.0 else squares
     var = jnp.maximum(mean_square - abs2(offset), 0.0)
     return lax.select(mean_square == jnp.inf, jnp.full_like(var, jnp.inf), var)
 
@@ -232,6 +243,8 @@ def _passes(cfg: _Config, x: jax.Array, mask: Any, shift: jax.Array) -> ShiftedM
     xs = x.astype(mean_dtype(x.dtype))
     local_count = _count(x, mask, cfg.axes)
     total = _static_count(cfg, x, mask)
+    # The factor from the scaled sum of squares to the mean square.
+    factor = 1.0 if total is None else 1.0 / (total * _root_inverse(total) ** 2)
 
     def one_pass(shift: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         d1, d2 = shifted_pair(xs, shift)
@@ -253,8 +266,7 @@ def _passes(cfg: _Config, x: jax.Array, mask: Any, shift: jax.Array) -> ShiftedM
             if cfg.axis_name is not None:
                 s1, s2 = psum_parts([s1, s2], cfg.axis_name, cfg.groups)
             count = jnp.zeros_like(s2) + total
-            # The float32 root's square is not exactly 1 / total: correct it.
-            offset, mean_square = s1, s2 * (1.0 / (total * _root_inverse(total) ** 2))
+            offset, mean_square = s1, s2
         else:
             if cfg.axis_name is not None:
                 count, s1, s2 = psum_parts([count, s1, s2], cfg.axis_name, cfg.groups)
@@ -276,7 +288,7 @@ def _passes(cfg: _Config, x: jax.Array, mask: Any, shift: jax.Array) -> ShiftedM
 
     def far(state: tuple) -> jax.Array:
         i, _, shift, offset, mean_square = state
-        var = _variance(offset, mean_square)
+        var = _variance(offset, mean_square, factor)
         worse = jnp.any(abs2(offset) > _RECENTRE * var + resolution * abs2(shift))
         if cfg.groups is not None:
             # Each group has its own statistics; every device must still take
@@ -292,7 +304,7 @@ def _passes(cfg: _Config, x: jax.Array, mask: Any, shift: jax.Array) -> ShiftedM
 
     state = (jnp.int32(0), count, shift, offset, mean_square)
     _, count, shift, offset, mean_square = lax.while_loop(far, recentre, state)
-    var = _variance(offset, mean_square)
+    var = _variance(offset, mean_square, factor)
     return ShiftedMoments(count, shift, offset, var)
 
 
