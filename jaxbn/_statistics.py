@@ -18,10 +18,7 @@ The design, the same for one device and for many:
    free when not taken, at most twice; its predicate is the same on every
    device). The result loses at most about one bit against an exact two-pass
    computation, whatever the order of the batch, and ``E[x^2] - E[x]^2`` is
-   never formed. When the count is known at trace time (no mask, no groups)
-   the terms are scaled inside the reductions, so the sums are ``offset`` and
-   the mean square themselves: the offset cannot overflow, and no separate
-   kernel computes either.
+   never formed.
 
 The statistics are computed in float32, or float64 for float64 input; complex
 input has a complex mean and the real variance ``E|x - mean|^2``. Their
@@ -186,24 +183,6 @@ def _count(x: jax.Array, mask: jax.Array | None, axes: tuple[int, ...]) -> jax.A
     return jnp.broadcast_to(count * jnp.asarray(repeats, dtype), kept)
 
 
-def _static_count(cfg: Any, x: jax.Array, mask: Any) -> float | None:
-    """The global count of every feature when known at trace time (no mask, no groups).
-
-    An unbound ``axis_name`` raises JAX's own NameError here, as the psum
-    would (``jaxbn.recalibrate`` relies on it to find the names to bind).
-    """
-    # With axis_index_groups the count stays a psum: a group may hold
-    # indices the axis does not have (``recalibrate`` binds size-1 axes).
-    if mask is not None or cfg.groups is not None:
-        return None
-    if any(x.shape[a] == 0 for a in cfg.axes):
-        return None
-    devices = 1
-    if cfg.axis_name is not None:
-        devices = int(lax.axis_size(cfg.axis_name))  # pyright: ignore[reportArgumentType]
-    return float(math.prod(x.shape[a] for a in cfg.axes)) * devices
-
-
 class _Config(NamedTuple):
     """Static (hashable) settings of one statistics call."""
 
@@ -212,49 +191,13 @@ class _Config(NamedTuple):
     groups: tuple[tuple[int, ...], ...] | None
 
 
-def _root_inverse(total: float) -> float:
-    """A power of two near ``sqrt(1 / total)``: scaling by it is exact.
-
-    The mean square is then ``sum((d * c)**2) * (1 / (total * c**2))``: for a
-    power-of-two count exactly ``sum(d**2) / total`` rounded once, otherwise
-    within one more rounding.
-    """
-    return 2.0 ** -round(math.log2(total) / 2)
-
-
-def _variance(offset: jax.Array, squares: jax.Array, factor: float) -> jax.Array:
-    """``squares * factor - |offset|**2``, never negative; inf if the first is.
-
-    ``squares * factor`` is the mean square (``factor`` undoes the power of two
-    that scaled the terms; computed here, where the variance is read, rather
-    than after the reduction, where it would be one more kernel).
-
-    An infinite mean square (finite x, ``|x - shift|`` ~ 1e19 in float32) makes
-    the variance inf, exactly, and the feature normalizes to the bias (NaN
-    input keeps it NaN, never inf).
-    """
-    mean_square = squares * factor if factor != 1.0 else squares
-    var = jnp.maximum(mean_square - abs2(offset), 0.0)
-    return lax.select(mean_square == jnp.inf, jnp.full_like(var, jnp.inf), var)
-
-
 def _passes(cfg: _Config, x: jax.Array, mask: Any, shift: jax.Array) -> ShiftedMoments:
     """The sums and re-centring passes; never differentiated."""
     xs = x.astype(mean_dtype(x.dtype))
     local_count = _count(x, mask, cfg.axes)
-    total = _static_count(cfg, x, mask)
-    # The factor from the scaled sum of squares to the mean square.
-    factor = 1.0 if total is None else 1.0 / (total * _root_inverse(total) ** 2)
 
     def one_pass(shift: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         d1, d2 = shifted_pair(xs, shift)
-        if total is not None:
-            # A count known when tracing divides each term: the sums are then
-            # the mean offset and the mean square themselves (no per-feature
-            # kernel makes them), and the first cannot overflow. (Two
-            # different factors: one shared by both reductions would be
-            # written out full-size by XLA:CPU.)
-            d1, d2 = d1 * (1.0 / total), d2 * _root_inverse(total)
         d2 = abs2(d2)
         if mask is not None:
             d1, d2 = weigh(d1, mask), weigh(d2, mask)
@@ -262,33 +205,27 @@ def _passes(cfg: _Config, x: jax.Array, mask: Any, shift: jax.Array) -> ShiftedM
         s2 = jnp.sum(d2, cfg.axes, keepdims=True)
         # Typed like the sums (sharding, shard_map variance), for selects.
         count = local_count + jnp.zeros_like(s2)
-        if total is not None:
-            if cfg.axis_name is not None:
-                s1, s2 = psum_parts([s1, s2], cfg.axis_name, cfg.groups)
-            count = jnp.zeros_like(s2) + total
-            offset, mean_square = s1, s2
-        else:
-            if cfg.axis_name is not None:
-                count, s1, s2 = psum_parts([count, s1, s2], cfg.axis_name, cfg.groups)
-            safe = jnp.maximum(count, 1.0)
-            offset, mean_square = s1 / safe, s2 / safe
-            # A sum of squares that overflows (finite x, |x - shift| ~ 1e19 in
-            # float32) may overflow the sum of x - shift as well: the offset is
-            # then set to 0, so that x - shift stays finite.
-            offset = lax.select(s2 == jnp.inf, jnp.zeros_like(offset), offset)
-        return count, offset, mean_square
+        if cfg.axis_name is not None:
+            count, s1, s2 = psum_parts([count, s1, s2], cfg.axis_name, cfg.groups)
+        safe = jnp.maximum(count, 1.0)
+        offset = s1 / safe
+        var = jnp.maximum(s2 / safe - abs2(offset), 0.0)
+        # A sum of squares that overflows (finite x, |x - shift| ~ 1e19 in
+        # float32) makes the variance inf, exactly: the offset is then set to
+        # 0, so that x - shift stays finite and normalizes to the bias.
+        # (NaN input keeps s2 NaN, never inf.)
+        overflow = s2 == jnp.inf
+        offset = lax.select(overflow, jnp.zeros_like(offset), offset)
+        var = lax.select(overflow, jnp.full_like(var, jnp.inf), var)
+        return count, offset, var
 
-    # The loop carries the mean square, not the variance: the variance is
-    # computed where it is read (the test, and once after the loop), so no
-    # kernel of the pass computes it.
-    count, offset, mean_square = one_pass(shift)
+    count, offset, var = one_pass(shift)
     # The same type as offset (sharding, shard_map variance) for the loop.
     shift = shift + jnp.zeros_like(offset)
-    resolution = (4.0 * float(jnp.finfo(mean_square.dtype).eps)) ** 2
+    resolution = (4.0 * float(jnp.finfo(var.dtype).eps)) ** 2
 
     def far(state: tuple) -> jax.Array:
-        i, _, shift, offset, mean_square = state
-        var = _variance(offset, mean_square, factor)
+        i, _, shift, offset, var = state
         worse = jnp.any(abs2(offset) > _RECENTRE * var + resolution * abs2(shift))
         if cfg.groups is not None:
             # Each group has its own statistics; every device must still take
@@ -299,12 +236,11 @@ def _passes(cfg: _Config, x: jax.Array, mask: Any, shift: jax.Array) -> ShiftedM
     def recentre(state: tuple) -> tuple:
         i, _, shift, offset, _ = state
         shift = shift + offset
-        count, offset, mean_square = one_pass(shift)
-        return i + 1, count, shift, offset, mean_square
+        count, offset, var = one_pass(shift)
+        return i + 1, count, shift, offset, var
 
-    state = (jnp.int32(0), count, shift, offset, mean_square)
-    _, count, shift, offset, mean_square = lax.while_loop(far, recentre, state)
-    var = _variance(offset, mean_square, factor)
+    state = (jnp.int32(0), count, shift, offset, var)
+    _, count, shift, offset, var = lax.while_loop(far, recentre, state)
     return ShiftedMoments(count, shift, offset, var)
 
 
