@@ -234,16 +234,17 @@ def _training(
         dtype,
     )
     k = config.virtual_batch_size
+    flags = None  # ghost batches: the update tests the merged statistics
     if k is not None:
         y, moments = ghost_training(k, x, mask, *affine, running, options)
     else:
         y, m = training_step(x, mask, *affine, running, options)
-        moments = Moments(m.count, m.shift + m.offset, m.var)
+        moments, flags = Moments(m.count, m.shift + m.offset, m.var), m.flags
     flat = Moments(*(a.reshape(geo.feature_shape) for a in moments))
     if config.frozen:  # bitwise unchanged, count included
         return y, stats
     counted = always_counted(x, mask, geo.reduction_axes)
-    return y, update_running_stats(stats, flat, config, counted)
+    return y, update_running_stats(stats, flat, config, counted, flags)
 
 
 def _evaluate(

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from ._config import BatchNormConfig
-from ._statistics import Moments
+from ._statistics import COUNTED, NOT_FINITE, Moments
 
 
 def decay_rule(count: Any, momentum: Any, warmup: bool, minimum: Callable) -> Any:
@@ -61,18 +61,31 @@ def decay(count: jax.Array, momentum: float | None, warmup: bool) -> jax.Array:
     return decay_rule(c, final, warmup, jnp.minimum)
 
 
+def _accepted(
+    finite: jax.Array, count: jax.Array, counted: bool, flags: jax.Array | None
+) -> jax.Array:
+    """Whether the batch moves the running statistics: finite, and counted."""
+    if flags is not None:
+        bits = flags.astype(jnp.int32)
+        accept = (bits & NOT_FINITE) == 0
+        return accept if counted else accept & ((bits & COUNTED) != 0)
+    return jnp.all(finite) if counted else jnp.all(finite) & jnp.any(count > 0)
+
+
 def update_running_stats(
     batch_stats: dict[str, jax.Array],
     moments: Moments,
     config: BatchNormConfig,
     counted: bool = False,
+    flags: jax.Array | None = None,
 ) -> dict[str, jax.Array]:
     """Returns ``batch_stats`` moved towards ``moments`` (no gradient flows).
 
     The decay is :func:`decay` of the layer's ``momentum`` and ``warmup``. With
     ``running_var="unbiased"`` the variance stored is ``n / (n - 1)`` times the
     batch's (n: the count of values, or the sum of weights; n <= 1 keeps the
-    biased variance). With ``renorm``, ``renorm_mean`` and ``renorm_std`` move
+    biased variance; a finite variance whose product would overflow stores the
+    largest float). With ``renorm``, ``renorm_mean`` and ``renorm_std`` move
     towards the batch's mean and ``sqrt(var + epsilon)`` with the constant
     decay ``renorm_momentum``.
 
@@ -83,33 +96,36 @@ def update_running_stats(
       counted: every feature is known, at trace time, to have values (no
         mask, a non-empty batch), so the per-feature checks of the count are
         left out of the program.
+      flags: the ``ShiftedMoments.flags`` of these statistics, if the passes
+        that computed them are known: whether they are finite and counted is
+        then read from it, not found by a reduction of its own.
 
     Returns:
       The new ``batch_stats``.
     """
     count, mean, var = (lax.stop_gradient(m) for m in moments)
     biased = var
-    if config.unbiased:
-        var = var * jnp.where(count > 1.0, count / jnp.maximum(count - 1.0, 1.0), 1.0)
-    finite = jnp.isfinite(mean) & jnp.isfinite(var)
-    accept = jnp.all(finite) if counted else jnp.all(finite) & jnp.any(count > 0)
+    finite = jnp.isfinite(mean) & jnp.isfinite(biased)
+    if config.unbiased:  # finite where the batch's variance is
+        factor = jnp.where(count > 1.0, count / jnp.maximum(count - 1.0, 1.0), 1.0)
+        var = jnp.minimum(var * factor, jnp.finfo(var.dtype).max)
+    accept = _accepted(finite, count, counted, flags)
     d = decay(batch_stats["count"], config.momentum, bool(config.warmup))
-    # 1 where the feature moves, 0 where it keeps its value. Arithmetic rather
-    # than ``where`` keeps the running statistics' sharding (a mesh with
-    # Explicit axes refuses a select between differently sharded operands).
-    moves = (accept if counted else accept & (count > 0)).astype(d.dtype)
+    # Where a feature moves: the batch is accepted (and the feature counted).
+    # An arithmetic blend rather than ``where`` on the statistics keeps the
+    # running statistics' sharding (a mesh with Explicit axes refuses a select
+    # between differently sharded operands).
+    moving = accept if counted else accept & (count > 0)
 
     def moved(old: jax.Array, new: jax.Array, d: jax.Array = d) -> jax.Array:
         # A rejected batch may hold NaN or inf: zero them so 0 * new stays 0
         # (where the mean and the variance are finite, so is every new value).
         new = lax.select(finite, new, jnp.zeros_like(new)).astype(old.dtype)
-        # ``d * old + (1 - d) * new`` is exact at d = 0 (momentum 0: the
-        # batch's statistics) and at d = 1 (frozen), unlike ``old + (1 - d) *
-        # (new - old)``; with weight 0 or 1 the blend is exact too.
-        dd = d.astype(old.real.dtype)
-        blend = dd * old + (1.0 - dd) * new
-        w = moves.astype(old.real.dtype)
-        return (1.0 - w) * old + w * blend
+        # ``k * old + (1 - k) * new`` is exact at k = 0 (momentum 0: the
+        # batch's statistics) and at k = 1 (frozen, or not moving), unlike
+        # ``old + (1 - k) * (new - old)``.
+        k = jnp.where(moving, d, 1.0).astype(old.real.dtype)
+        return k * old + (1.0 - k) * new
 
     new_stats = {
         "mean": moved(batch_stats["mean"], mean),

@@ -345,8 +345,8 @@ def _all_reduces(compiled_text: str | None) -> int:
 def _conditional_all_reduces(compiled_text: str | None) -> int:
     """All-reduces in conditional code: a conditional's branches or a while body.
 
-    The statistics' re-centring passes are a while loop whose body runs only
-    while the shift is far from the batch mean.
+    The statistics' passes are a while loop whose body runs once, and again
+    only while the shift is far from the batch mean.
     """
     assert compiled_text is not None
     branches = set()
@@ -415,10 +415,11 @@ def test_collective_counts_in_compiled_hlo():
         f"all-reduces: forward {n_forward} ({c_forward} conditional), "
         f"training step {n_step} ({c_step} conditional)"
     )
-    # Forward: one all-reduce of (count, s1, s2) around the replicated running
-    # mean, plus one inside the re-centring loop, run only while that shift is
-    # far from the data (the first steps of a layer whose inputs have a large mean).
-    assert (n_forward, c_forward) == (1 + 1, 1)
+    # Forward: one all-reduce of (count, s1, s2) per pass, in the body of the
+    # passes' while loop: run once around the replicated running mean, and
+    # again only while that shift is far from the data (the first steps of a
+    # layer whose inputs have a large mean).
+    assert (n_forward, c_forward) == (1, 1)
     # A training step runs at most two: the forward's and the backward's
     # (sum(dy), sum(dy * xhat)), with which XLA combines the parameter gradients'.
     assert n_step - c_step <= 2
