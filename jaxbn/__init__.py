@@ -27,8 +27,8 @@ from ._fold import fold_kernel as fold_kernel
 from ._layer import batch_norm as batch_norm
 from ._recalibrate import recalibrate as recalibrate
 from ._running import decay as decay
-from ._statistics import Moments as Moments
 from ._statistics import batch_moments as batch_moments
+from ._sums import Moments as Moments
 from ._types import ApplyFn as ApplyFn
 from ._types import BatchStats as BatchStats
 from ._types import InitFn as InitFn

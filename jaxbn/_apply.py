@@ -23,7 +23,8 @@ from ._config import BatchNormConfig, Geometry
 from ._ghost import ghost_training
 from ._normalize import RenormOperands, clip_bound, normalize
 from ._running import update_running_stats
-from ._statistics import Moments, devices_in_axis, real_dtype, sanitized, valid
+from ._statistics import devices_in_axis
+from ._sums import Moments, real_dtype, sanitized, valid
 from ._training import Running, StepOptions, always_counted, training_step
 from ._types import BatchStats, Params
 

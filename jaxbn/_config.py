@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from . import _hyperparams as hp
 from ._inputs import Axes, Spec, check_x, normalize_axes
-from ._statistics import mean_dtype, real_dtype
+from ._sums import mean_dtype, real_dtype
 
 Initializer = Callable[..., jax.Array]
 

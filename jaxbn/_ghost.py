@@ -17,14 +17,10 @@ import jax
 import jax.numpy as jnp
 
 from ._statistics import (
-    AxisName,
-    Moments,
-    ShiftedMoments,
-    abs2,
     batch_moments,  # noqa: F401  (doctest)
-    psum_parts,
     shifted_moments,  # noqa: F401  (doctest)
 )
+from ._sums import AxisName, Moments, ShiftedMoments, abs2, psum_parts
 from ._training import Running, StepOptions, training_step
 
 

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ._statistics import mean_dtype
+from ._sums import mean_dtype
 
 
 class RenormOperands(NamedTuple):

@@ -26,7 +26,7 @@ from ._record import (
     merge,
     nnx_moments_fn,
 )
-from ._statistics import Moments
+from ._sums import Moments
 from ._trees import (
     is_nnx_module,
     iter_layers,

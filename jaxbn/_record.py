@@ -18,7 +18,8 @@ import numpy as np
 
 from ._hyperparams import check_axis_spec
 from ._inputs import normalize_axes
-from ._statistics import Moments, batch_moments
+from ._statistics import batch_moments
+from ._sums import Moments
 from ._trees import Path, nnx_norm_layers, path_name
 
 MomentsFn = Callable[[Any, Any], tuple[dict[str, list[Moments]], Any]]

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from ._config import BatchNormConfig
-from ._statistics import COUNTED, NOT_FINITE, Moments
+from ._sums import COUNTED, NOT_FINITE, Moments
 
 
 def decay_rule(count: Any, momentum: Any, warmup: bool, minimum: Callable) -> Any:

@@ -37,14 +37,8 @@ from ._normalize import (
     normalize,
     renorm_correction,
 )
-from ._statistics import (
-    SAVED,
-    ShiftedMoments,
-    psum_parts,
-    sanitized,
-    shifted_moments,
-    weigh,
-)
+from ._statistics import SAVED, shifted_moments
+from ._sums import ShiftedMoments, psum_parts, sanitized, weigh
 from ._xla_cpu import centred_pair
 
 _SAVE_STATISTICS = jax.checkpoint_policies.save_only_these_names(SAVED)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import pytest
 
 import jaxbn
-from jaxbn import _statistics, _training
+from jaxbn import _passes, _training
 
 SHAPE = (256, 512)
 
@@ -56,8 +56,8 @@ def _full_size_writes(step: str) -> int:
 @pytest.mark.parametrize(
     ("module", "name", "plain", "step"),
     [
-        (_statistics, "shifted_pair", lambda x, s: (x - s,) * 2, "forward"),
-        (_statistics, "shifted_pair", lambda x, s: (x - s,) * 2, "gradient"),
+        (_passes, "shifted_pair", lambda x, s: (x - s,) * 2, "forward"),
+        (_passes, "shifted_pair", lambda x, s: (x - s,) * 2, "gradient"),
         (_training, "centred_pair", lambda x, s, o: ((x - s) - o,) * 2, "gradient"),
     ],
 )
