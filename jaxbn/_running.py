@@ -84,8 +84,7 @@ def update_running_stats(
     The decay is :func:`decay` of the layer's ``momentum`` and ``warmup``. With
     ``running_var="unbiased"`` the variance stored is ``n / (n - 1)`` times the
     batch's (n: the count of values, or the sum of weights; n <= 1 keeps the
-    biased variance; a finite variance whose product would overflow stores the
-    largest float). With ``renorm``, ``renorm_mean`` and ``renorm_std`` move
+    biased variance). With ``renorm``, ``renorm_mean`` and ``renorm_std`` move
     towards the batch's mean and ``sqrt(var + epsilon)`` with the constant
     decay ``renorm_momentum``.
 
@@ -106,7 +105,10 @@ def update_running_stats(
     count, mean, var = (lax.stop_gradient(m) for m in moments)
     biased = var
     finite = jnp.isfinite(mean) & jnp.isfinite(biased)
-    if config.unbiased:  # finite where the batch's variance is
+    if config.unbiased:
+        # n / (n - 1) * var is at most the sum of squares, finite where var
+        # is; the clamp only guards rounding at the edge of the float range,
+        # as the flags test the batch's own (biased) variance.
         factor = jnp.where(count > 1.0, count / jnp.maximum(count - 1.0, 1.0), 1.0)
         var = jnp.minimum(var * factor, jnp.finfo(var.dtype).max)
     accept = _accepted(finite, count, counted, flags)
