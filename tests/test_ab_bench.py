@@ -1,0 +1,45 @@
+"""Smoke test of the paired A/B benchmark (``benchmarks.ab``).
+
+Loads this checkout a second time under another name as the "base", and checks
+that both measurements return positive finite medians for every side (no
+timing assertion: speed targets live in the benchmarks, not in tests), and the
+two documented refusals.
+"""
+
+import math
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("optax", reason="the benchmark's loss uses optax")
+
+from benchmarks import ab
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def base():
+    return ab.load_checkout(ROOT, "jaxbn_ab_smoke")
+
+
+def test_compile_ab_times_flax_the_base_and_this_checkout(base):
+    result = ab.compile_ab(base, "resnet18", "eval", reps=1)
+    assert set(result["median_s"]) == {"flax", "base", "this"}
+    for wall, cpu in result["median_s"].values():
+        assert math.isfinite(wall) and wall > 0 and math.isfinite(cpu) and cpu > 0
+
+
+def test_run_ab_times_both_ops_of_both_checkouts(base):
+    rows = ab.run_ab(base, reps=2, shapes={"small": (64, 8)})
+    assert [r["op"] for r in rows] == ["forward", "forward+backward"]
+    for row in rows:
+        assert set(row["median_ms"]) == {"base", "this"}
+        assert all(math.isfinite(t) and t > 0 for t in row["median_ms"].values())
+
+
+def test_refusals(base, tmp_path):
+    with pytest.raises(ValueError, match="has no jaxbn"):
+        ab.load_checkout(tmp_path)
+    with pytest.raises(ValueError, match="mnist"):
+        ab.compile_ab(base, "mnist", "train", reps=1)
