@@ -10,9 +10,10 @@ order alternated, in the same process:
   traced and lowered, then compiled after ``jax.clear_caches()``, for
   flax.linen, the other checkout and this one; wall and CPU time.
 * ``run``: the jitted training forward and forward+backward of
-  ``jaxbn.batch_norm(momentum=0.9)``, called alternately, with a 40 MiB write
-  between calls to flush the caches (run under the tuned allocator of
-  ``benchmarks.run`` for figures: ``MALLOC_MMAP_MAX_=0
+  ``jaxbn.batch_norm(momentum=0.9)`` of both checkouts, timed by
+  ``benchmarks.timing.measure`` as ``benchmarks.run`` times its cases
+  (round-robin in a shuffled order, the caches flushed before each call; run
+  under its tuned allocator for figures: ``MALLOC_MMAP_MAX_=0
   MALLOC_TRIM_THRESHOLD_=4000000000``).
 
     git worktree add --detach ../jaxbn-base <commit>
@@ -35,9 +36,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from benchmarks import compile_time
+from benchmarks import compile_time, timing
 from benchmarks.run import _cpu_model
 
 RUN_SHAPES = {"nhwc": (128, 32, 32, 64), "2d": (4096, 1024)}
@@ -113,28 +113,31 @@ def _run_fns(module: Any, x: jax.Array) -> tuple[dict[str, Callable], tuple]:
     return fns, (params, stats, x)
 
 
+def _case(key: tuple[str, str], f: Callable, args: tuple) -> timing.Case:
+    return timing.Case(key, lambda _: jax.block_until_ready(f(*args)))
+
+
 def run_ab(base: Any, reps: int, shapes: dict[str, tuple[int, ...]]) -> list[dict]:
-    """Median milliseconds of the training forward and forward+backward."""
+    """Median milliseconds of the training forward and forward+backward.
+
+    The round-robin, the cache flush and the warm-up are ``benchmarks.run``'s
+    (``timing.measure``, a read of 1.25x the last-level cache before each call).
+    """
     import jaxbn
 
-    flush = np.zeros(10 << 20, np.float32)
     rows = []
     for shape_name, shape in shapes.items():
         x = jax.random.normal(jax.random.key(0), shape) * 2 + 1
-        cases = {"base": _run_fns(base, x), "this": _run_fns(jaxbn, x)}
-        for fns, args in cases.values():
-            for f in (*fns.values(), *fns.values()):
-                jax.block_until_ready(f(*args))
+        sides = {"base": _run_fns(base, x), "this": _run_fns(jaxbn, x)}
+        cases = [
+            _case((name, op), f, a)
+            for name, (fns, a) in sides.items()
+            for op, f in fns.items()
+        ]
+        flush = timing.cache_flusher(None)
+        samples = timing.measure(cases, reps=reps, warmup=2, flush=flush)
         for op in ("forward", "forward+backward"):
-            times: dict[str, list[float]] = {"base": [], "this": []}
-            for i in range(reps):
-                for name in ("base", "this") if i % 2 == 0 else ("this", "base"):
-                    fns, args = cases[name]
-                    flush += 1
-                    t = time.perf_counter()
-                    jax.block_until_ready(fns[op](*args))
-                    times[name].append(time.perf_counter() - t)
-            ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+            ms = {k: 1e3 * statistics.median(samples[(k, op)]) for k in sides}
             rows.append({"shape": shape_name, "op": op, "reps": reps, "median_ms": ms})
     return rows
 
