@@ -22,7 +22,7 @@ from . import _inputs as inputs
 from ._config import BatchNormConfig, Geometry
 from ._ghost import ghost_training
 from ._normalize import RenormOperands, clip_bound, normalize
-from ._running import update_running_stats
+from ._running import all_finite, update_running_stats
 from ._statistics import devices_in_axis
 from ._sums import Moments, real_dtype, sanitized, valid
 from ._training import Running, StepOptions, always_counted, training_step
@@ -235,17 +235,18 @@ def _training(
         dtype,
     )
     k = config.virtual_batch_size
-    flags = None  # ghost batches: the update tests the merged statistics
     if k is not None:
         y, moments = ghost_training(k, x, mask, *affine, running, options)
+        finite = all_finite(moments.mean, moments.var)
     else:
         y, m = training_step(x, mask, *affine, running, options)
-        moments, flags = Moments(m.count, m.shift + m.offset, m.var), m.flags
-    flat = Moments(*(a.reshape(geo.feature_shape) for a in moments))
+        moments = Moments(m.count, m.shift + m.offset, m.var)
+        finite = jnp.isfinite(m.margin)
     if config.frozen:  # bitwise unchanged, count included
         return y, stats
+    flat = Moments(*(a.reshape(geo.feature_shape) for a in moments))
     counted = always_counted(x, mask, geo.reduction_axes)
-    return y, update_running_stats(stats, flat, config, counted, flags)
+    return y, update_running_stats(stats, flat, config, finite, counted)
 
 
 def _evaluate(

@@ -1,18 +1,17 @@
 """The passes over x: the sums around a shift, re-centred while far, in one loop.
 
 One fused pass over x gives, per feature, the sums of ``d = x - shift`` and
-``|d|**2`` over the valid entries (across devices: one all-reduce of ``(count,
-s1, s2)``). With ``offset = s1/n``, the variance is ``s2/n - |offset|**2``; it
-loses ``log2(1 + |offset|**2 / var)`` bits to cancellation, so when any
-feature's ``|offset|**2`` exceeds ``var`` (plus the float resolution of the
-shift itself) the pass is redone around ``shift + offset``, at most twice.
+``|d|**2`` over the valid entries (across devices: one all-reduce). With
+``offset = s1/n``, the variance is ``s2/n - |offset|**2``; it loses
+``log2(1 + |offset|**2 / var)`` bits to cancellation, so when any feature's
+``|offset|**2`` exceeds ``var`` (plus the float resolution of the shift
+itself) the pass is redone around ``shift + offset``, at most twice.
 
 The passes are one ``lax.while_loop`` whose body is the pass (a do-while): it
 runs once around the running mean, and again only when needed, and the pass is
-compiled once. The reduction across the features that decides another pass
-also records whether every statistic is finite and whether any feature has a
-value (``ShiftedMoments.flags``), so the running-average update needs no
-reduction of its own.
+compiled once. The loop's one reduction across the features, the largest
+``margin`` by which a feature is far, is NaN when any statistic is not finite,
+so it also tells the running-average update whether to take the batch.
 """
 
 from __future__ import annotations
@@ -24,81 +23,91 @@ import jax.numpy as jnp
 from jax import lax
 
 from ._sums import (
-    COUNTED,
-    FAR,
-    NOT_FINITE,
     ShiftedMoments,
     abs2,
     count_values,
-    is_complex,
     mean_dtype,
     psum_parts,
+    real_dtype,
     weigh,
 )
 from ._xla_cpu import shifted_pair
 
-# Re-centre while |offset|**2 > _RECENTRE * var (+ resolution): at most one bit.
-_RECENTRE = 1.0
-_MAX_RECENTRES = 2
-_FACTS = FAR | NOT_FINITE | COUNTED
-_PASS_SHIFT = 3  # inside the loop, the passes done are the flags' higher bits
+# Re-centre while |offset|**2 > var (+ resolution): at most one bit is lost.
+_MAX_PASSES = 3
 
 
 class PassConfig(NamedTuple):
-    """Static (hashable) settings of one statistics call."""
+    """Static (hashable) settings of one statistics call.
+
+    Attributes:
+      axes: the batch axes.
+      axis_name: the named axis (or tuple) to sum over, or None.
+      groups: groups of indices along ``axis_name``, or None.
+      count: the number of values per feature when it is known when tracing
+        (no mask; across the devices of ``axis_name`` too), else None.
+    """
 
     axes: tuple[int, ...]
     axis_name: Any
     groups: tuple[tuple[int, ...], ...] | None
+    count: float | None
+
+
+class _State(NamedTuple):
+    """The loop's carry: the statistics of the last pass, and how many.
+
+    ``count`` is carried only when it is not known when tracing (else None).
+    """
+
+    passes: jax.Array
+    count: jax.Array | None
+    shift: jax.Array
+    offset: jax.Array
+    var: jax.Array
+    margin: jax.Array
 
 
 def _one_pass(
-    cfg: PassConfig, xs: jax.Array, mask: Any, local_count: jax.Array, shift: jax.Array
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """One fused pass over x around ``shift``: ``(count, offset, var)``."""
+    cfg: PassConfig, xs: jax.Array, mask: Any, local_count: Any, shift: jax.Array
+) -> tuple[jax.Array | None, jax.Array, jax.Array]:
+    """One fused pass over x around ``shift``: ``(count or None, offset, var)``."""
     d1, d2 = shifted_pair(xs, shift)
     d2 = abs2(d2)
     if mask is not None:
         d1, d2 = weigh(d1, mask), weigh(d2, mask)
     s1 = jnp.sum(d1, cfg.axes, keepdims=True)
     s2 = jnp.sum(d2, cfg.axes, keepdims=True)
-    # Typed like the sums (sharding, shard_map variance), for selects.
-    count = local_count + jnp.zeros_like(s2)
-    if cfg.axis_name is not None:
-        count, s1, s2 = psum_parts([count, s1, s2], cfg.axis_name, cfg.groups)
-    safe = jnp.maximum(count, 1.0)
-    offset = s1 / safe
-    var = jnp.maximum(s2 / safe - abs2(offset), 0.0)
+    if cfg.count is not None:
+        count = None
+        if cfg.axis_name is not None:
+            s1, s2 = psum_parts([s1, s2], cfg.axis_name, cfg.groups)
+        inv_n = 1.0 / cfg.count
+    else:
+        count = local_count
+        if cfg.axis_name is not None:
+            count, s1, s2 = psum_parts([count, s1, s2], cfg.axis_name, cfg.groups)
+        inv_n = 1.0 / jnp.maximum(count, 1.0)
     # A sum of squares that overflows (finite x, |x - shift| ~ 1e19 in
-    # float32) makes the variance inf, exactly: the offset is then set to
-    # 0, so that x - shift stays finite and normalizes to the bias.
-    # (NaN input keeps s2 NaN, never inf.)
-    overflow = s2 == jnp.inf
-    offset = lax.select(overflow, jnp.zeros_like(offset), offset)
-    var = lax.select(overflow, jnp.full_like(var, jnp.inf), var)
+    # float32) makes the variance inf; the offset is then 0, so that x - shift
+    # stays finite and normalizes to the bias. (NaN input keeps s2 NaN.)
+    offset = lax.select(jnp.isfinite(s2), s1 * inv_n, jnp.zeros_like(s1))
+    var = jnp.maximum(s2 * inv_n - abs2(offset), 0.0)
     return count, offset, var
 
 
-def _flags(passes: jax.Array, count: jax.Array, m: tuple[jax.Array, ...]) -> jax.Array:
-    """The flags of the statistics ``m = (shift, offset, var)`` after a pass.
+def _margin(shift: jax.Array, offset: jax.Array, var: jax.Array) -> jax.Array:
+    """The largest ``|offset|**2 - var - resolution``: > 0 if a feature is far.
 
-    One reduction across the features (a max of each feature's bit, per
-    bit) serves both the loop's test and the running-average update's. The
-    passes done so far are the higher bits; the result has shape (1,), not (),
-    so that XLA's loop analysis does not take the flags for a loop counter
-    (which, for a scalar, jaxlib 0.10.2 tries at length in every
-    simplification round: ``ComputeWhileLoopTripCount`` in a profile).
+    A scalar reduction across the features (a max, which feature-sharded
+    ``jit`` turns into an all-reduce). ``var - var`` is 0 where the variance
+    is finite and NaN where it is infinite or NaN, and a NaN offset gives NaN
+    too: the margin is NaN exactly when some statistic is not finite, which
+    ends the loop and tells the update to skip the batch.
     """
-    shift, offset, var = m
     resolution = (4.0 * float(jnp.finfo(var.dtype).eps)) ** 2
-    far = abs2(offset) > _RECENTRE * var + resolution * abs2(shift)
-    finite = jnp.isfinite(shift + offset) & jnp.isfinite(var)
-    # A max per bit, not an OR: sharded features need an all-reduce, and
-    # XLA:CPU's all-reduce has no OR.
-    bits = jnp.stack([far, ~finite, count > 0]).astype(jnp.int32)
-    seen = jnp.max(bits, axis=tuple(range(1, bits.ndim)))
-    facts = seen[0] * FAR + seen[1] * NOT_FINITE + seen[2] * COUNTED
-    return (facts | ((passes + 1) << _PASS_SHIFT)).reshape(1)
+    far = abs2(offset) - var - resolution * abs2(shift)
+    return jnp.max(far + (var - var))
 
 
 def run_passes(
@@ -106,75 +115,93 @@ def run_passes(
 ) -> ShiftedMoments:
     """The sums and re-centring passes; never differentiated.
 
-    The passes are one ``lax.while_loop`` whose body runs once around the
-    running mean, and again while a feature's mean is far from its shift:
-    the pass's kernels are compiled once.
-
     Args:
-      cfg: the batch axes, and the named axis (and its groups) to sum over.
+      cfg: the batch axes, the named axis (and its groups) to sum over, and
+        the count if it is known when tracing.
       x: the input.
       mask: None, a boolean mask or weights, broadcastable to x.
       shift: the starting shift, x's rank with size-1 batch axes, the same on
         every device.
 
     Returns:
-      The ``ShiftedMoments``, with the flags of the last pass.
+      The ``ShiftedMoments`` of the last pass.
 
     Examples:
       >>> import jax.numpy as jnp
       >>> x = 1e6 + jnp.array([[-1.0, 0.0], [1.0, jnp.nan], [3.0, 0.0]])
-      >>> m = run_passes(PassConfig((0,), None, None), x, None, jnp.zeros((1, 2)))
+      >>> cfg = PassConfig((0,), None, None, 3.0)
+      >>> m = run_passes(cfg, x, None, jnp.zeros((1, 2)))
       >>> [float(a[0, 0]) for a in (m.shift, m.offset, m.var)]  # re-centred
       [1000001.0, 0.0, 2.6666667]
-      >>> int(m.flags) == COUNTED | NOT_FINITE
+      >>> bool(jnp.isnan(m.margin))  # a statistic is not finite
       True
     """
     xs = x.astype(mean_dtype(x.dtype))
-    local_count = count_values(x, mask, cfg.axes)
+    local_count = None if cfg.count is not None else count_values(x, mask, cfg.axes)
 
-    def again(state: tuple) -> jax.Array:
-        flags = state[0][0]
-        far = (flags & FAR) != 0
+    def again(state: _State) -> jax.Array:
+        far = state.margin > 0
         if cfg.groups is not None:
             # Each group has its own statistics; every device must still take
             # the same number of passes, since each pass has an all-reduce.
             far = lax.pmax(far.astype(jnp.int32), cfg.axis_name) > 0
-        passes = flags >> _PASS_SHIFT
-        return (passes == 0) | ((passes <= _MAX_RECENTRES) & far)
+        return (state.passes == 0) | ((state.passes < _MAX_PASSES) & far)
 
-    def one_more(state: tuple) -> tuple:
-        flags, _, shift, offset, _ = state
-        shift = shift + offset
+    def one_more(state: _State) -> _State:
+        shift = state.shift + state.offset
         count, offset, var = _one_pass(cfg, xs, mask, local_count, shift)
-        flags = _flags(flags[0] >> _PASS_SHIFT, count, (shift, offset, var))
-        return flags, count, shift, offset, var
+        margin = _margin(shift, offset, var)
+        return _State(state.passes + 1, count, shift, offset, var, margin)
 
-    kept = jnp.zeros_like(shift.real if is_complex(shift) else shift)
-    state = (jnp.zeros(1, jnp.int32), kept, shift, jnp.zeros_like(shift), kept)
-    if cfg.axis_name is not None or _manual(x, mask, shift):
-        for _ in range(2):  # a value the body mixes with a varying one varies
-            out = jax.eval_shape(one_more, state)
-            state = jax.tree.map(_typed_like, state, out)
-    flags, count, shift, offset, var = lax.while_loop(again, one_more, state)
-    facts = (flags[0] & _FACTS).astype(count.dtype)
-    return ShiftedMoments(count, shift, offset, var, facts)
-
-
-def _manual(*arrays: Any) -> bool:
-    """Whether any of the arrays varies over a manual mesh axis (shard_map)."""
-    return any(
-        getattr(jax.typeof(a).manual_axis_type, "varying", ())
-        for a in arrays
-        if a is not None
+    real = real_dtype(x.dtype)
+    zero = jnp.zeros(shift.shape, real)
+    state = _State(
+        passes=jnp.zeros((), jnp.int32),
+        count=None if cfg.count is not None else zero,
+        shift=shift,
+        offset=zero if zero.dtype == shift.dtype else jnp.zeros_like(shift),
+        var=zero,
+        margin=jnp.zeros((), real),
     )
+    if _typed(x, mask, shift):
+        for _ in range(2):  # a value the body mixes with a typed one is typed
+            state = jax.tree.map(_typed_like, state, jax.eval_shape(one_more, state))
+    out = lax.while_loop(again, one_more, state)
+    count = out.count
+    if count is None:
+        count = jnp.full(shift.shape, cfg.count, real)
+    return ShiftedMoments(count, out.shift, out.offset, out.var, out.margin)
+
+
+def _typed(*arrays: Any) -> bool:
+    """Whether any array's type carries a mesh: manual axes, or Explicit sharding."""
+    for a in arrays:
+        if a is None:
+            continue
+        aval = jax.typeof(a)
+        if getattr(aval.manual_axis_type, "varying", ()):
+            return True
+        spec = getattr(getattr(aval, "sharding", None), "spec", ())
+        if any(s is not None for s in spec):
+            return True
+    return False
 
 
 def _typed_like(value: jax.Array, target: jax.ShapeDtypeStruct) -> jax.Array:
-    """``value`` varying over the manual mesh axes that ``target`` varies over.
+    """``value`` with ``target``'s type: its manual axes and Explicit sharding.
 
-    (Inside ``jax.shard_map``, a loop's initial state must have its body's types.)
+    (A loop's initial state must have its body's types: inside
+    ``jax.shard_map`` the manual axes it varies over, and on a mesh with
+    Explicit axes its sharding, e.g. x's features sharded over ``"model"``
+    while the running statistics are replicated.)
     """
     want = getattr(target.manual_axis_type, "varying", ())
     have = getattr(jax.typeof(value).manual_axis_type, "varying", ())
     missing = tuple(a for a in want if a not in have)
-    return lax.pcast(value, missing, to="varying") if missing else value
+    if missing:
+        value = lax.pcast(value, missing, to="varying")
+    sharding = getattr(target, "sharding", None)
+    spec = getattr(sharding, "spec", None)
+    if spec is not None and jax.typeof(value).sharding.spec != spec:
+        value = jax.sharding.reshard(value, sharding)
+    return value

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from ._config import BatchNormConfig
-from ._sums import COUNTED, NOT_FINITE, Moments
+from ._sums import Moments
 
 
 def decay_rule(count: Any, momentum: Any, warmup: bool, minimum: Callable) -> Any:
@@ -61,23 +61,17 @@ def decay(count: jax.Array, momentum: float | None, warmup: bool) -> jax.Array:
     return decay_rule(c, final, warmup, jnp.minimum)
 
 
-def _accepted(
-    finite: jax.Array, count: jax.Array, counted: bool, flags: jax.Array | None
-) -> jax.Array:
-    """Whether the batch moves the running statistics: finite, and counted."""
-    if flags is not None:
-        bits = flags.astype(jnp.int32)
-        accept = (bits & NOT_FINITE) == 0
-        return accept if counted else accept & ((bits & COUNTED) != 0)
-    return jnp.all(finite) if counted else jnp.all(finite) & jnp.any(count > 0)
+def all_finite(*arrays: jax.Array) -> jax.Array:
+    """Whether every entry of the arrays is finite: a scalar boolean."""
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in arrays]))
 
 
 def update_running_stats(
     batch_stats: dict[str, jax.Array],
     moments: Moments,
     config: BatchNormConfig,
+    finite: jax.Array,
     counted: bool = False,
-    flags: jax.Array | None = None,
 ) -> dict[str, jax.Array]:
     """Returns ``batch_stats`` moved towards ``moments`` (no gradient flows).
 
@@ -92,51 +86,59 @@ def update_running_stats(
       batch_stats: ``{"mean", "var", "count"}`` as made by ``init``.
       moments: the batch's ``Moments``, already reshaped to the feature shape.
       config: the layer's configuration.
+      finite: a scalar boolean, whether every statistic of the batch is
+        finite (the passes tell it: ``isfinite(ShiftedMoments.margin)``).
       counted: every feature is known, at trace time, to have values (no
         mask, a non-empty batch), so the per-feature checks of the count are
         left out of the program.
-      flags: the ``ShiftedMoments.flags`` of these statistics, if the passes
-        that computed them are known: whether they are finite and counted is
-        then read from it, not found by a reduction of its own.
 
     Returns:
       The new ``batch_stats``.
     """
     count, mean, var = (lax.stop_gradient(m) for m in moments)
     biased = var
-    finite = jnp.isfinite(mean) & jnp.isfinite(biased)
     if config.unbiased:
         # n / (n - 1) * var is at most the sum of squares, finite where var
-        # is; the clamp only guards rounding at the edge of the float range,
-        # as the flags test the batch's own (biased) variance.
+        # is; the clamp only guards rounding at the edge of the float range.
         factor = jnp.where(count > 1.0, count / jnp.maximum(count - 1.0, 1.0), 1.0)
         var = jnp.minimum(var * factor, jnp.finfo(var.dtype).max)
-    accept = _accepted(finite, count, counted, flags)
     d = decay(batch_stats["count"], config.momentum, bool(config.warmup))
-    # Where a feature moves: the batch is accepted (and the feature counted).
-    # An arithmetic blend rather than ``where`` on the statistics keeps the
-    # running statistics' sharding (a mesh with Explicit axes refuses a select
-    # between differently sharded operands).
-    moving = accept if counted else accept & (count > 0)
+    if counted:
+        recorded = finite
+        moving = finite
+    else:
+        some = count > 0
+        recorded = finite & jnp.any(some)
+        moving = finite & some
 
-    def moved(old: jax.Array, new: jax.Array, d: jax.Array = d) -> jax.Array:
-        # A rejected batch may hold NaN or inf: zero them so 0 * new stays 0
-        # (where the mean and the variance are finite, so is every new value).
-        new = lax.select(finite, new, jnp.zeros_like(new)).astype(old.dtype)
-        # ``k * old + (1 - k) * new`` is exact at k = 0 (momentum 0: the
-        # batch's statistics) and at k = 1 (frozen, or not moving), unlike
-        # ``old + (1 - k) * (new - old)``.
-        k = jnp.where(moving, d, 1.0).astype(old.real.dtype)
-        return k * old + (1.0 - k) * new
+    def blend(d: jax.Array) -> Callable[[jax.Array, jax.Array], jax.Array]:
+        # ``k * old + (1 - k) * new`` with ``k = d`` where the batch is taken
+        # and 1 where it is not: exact at k = 0 (momentum 0: the batch's
+        # statistics) and at k = 1 (the old value, bitwise). A batch not taken
+        # may hold NaN or inf, so its values are read as 0 first. Arithmetic
+        # rather than a select between old and new: on a mesh with Explicit
+        # axes the two may be sharded differently (x's features sharded, the
+        # statistics replicated), which a select refuses.
+        real = batch_stats["var"].dtype
+        d = jnp.broadcast_to(d.astype(real), moving.shape)  # scalar if moving is
+        k = lax.select(moving, d, jnp.ones_like(d))
+        taken = 1.0 - k
 
+        def moved(old: jax.Array, new: jax.Array) -> jax.Array:
+            new = lax.select(moving, new, jnp.zeros_like(new))
+            return (k * old + taken * new).astype(old.dtype)
+
+        return moved
+
+    moved = blend(d)
     new_stats = {
         "mean": moved(batch_stats["mean"], mean),
         "var": moved(batch_stats["var"], var),
-        "count": batch_stats["count"] + accept.astype(jnp.int32),
+        "count": batch_stats["count"] + recorded.astype(batch_stats["count"].dtype),
     }
     if config.renorm_options is not None:
-        rd = jnp.float32(config.renorm_options.momentum)
+        moved_renorm = blend(jnp.float32(config.renorm_options.momentum))
         std = jnp.sqrt(biased + jnp.asarray(config.epsilon, biased.dtype))
-        new_stats["renorm_mean"] = moved(batch_stats["renorm_mean"], mean, rd)
-        new_stats["renorm_std"] = moved(batch_stats["renorm_std"], std, rd)
+        new_stats["renorm_mean"] = moved_renorm(batch_stats["renorm_mean"], mean)
+        new_stats["renorm_std"] = moved_renorm(batch_stats["renorm_std"], std)
     return new_stats

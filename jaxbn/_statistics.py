@@ -24,6 +24,7 @@ for higher orders); the passes themselves are never differentiated.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from functools import partial
 from typing import Any
@@ -81,7 +82,7 @@ def _moments_jvp(cfg: PassConfig, primals: tuple, tangents: tuple) -> tuple:
         jnp.zeros_like(m.shift),
         sum_t / safe,
         2.0 * sum_ct / safe,
-        jnp.zeros_like(m.flags),
+        jnp.zeros_like(m.margin),
     )
     return m, tangent
 
@@ -115,12 +116,30 @@ def shifted_moments(
     axes = tuple(sorted(int(a) for a in reduction_axes))
     groups = canonical_groups(axis_index_groups)
     kept = kept_shape(x.shape, axes)
-    start = jnp.zeros(kept, mean_dtype(x.dtype))
-    if shift is not None:
-        start = start + shift.astype(start.dtype)
-    return _moments(
-        PassConfig(axes, axis_name, groups), x, mask, lax.stop_gradient(start)
-    )
+    if shift is None:
+        start = jnp.zeros(kept, mean_dtype(x.dtype))
+    else:
+        start = jnp.broadcast_to(shift.astype(mean_dtype(x.dtype)), kept)
+    cfg = PassConfig(axes, axis_name, groups, known_count(x, mask, axes, axis_name, groups))
+    return _moments(cfg, x, mask, lax.stop_gradient(start))
+
+
+def known_count(
+    x: jax.Array, mask: Any, axes: tuple[int, ...], axis_name: Any, groups: Any
+) -> float | None:
+    """The count of values per feature if it is known when tracing, else None.
+
+    Without a mask every feature counts every entry of the batch axes, on
+    every device of ``axis_name`` alike (JAX's own NameError for an unbound
+    axis is left to propagate). With ``axis_index_groups``, or an empty
+    batch, the count is summed as with a mask.
+    """
+    n = math.prod(x.shape[a] for a in axes)
+    if mask is not None or groups is not None or n == 0:
+        return None
+    if axis_name is not None:
+        n *= lax.axis_size(axis_name)  # pyright: ignore[reportArgumentType]
+    return float(n)
 
 
 def batch_moments(

@@ -19,11 +19,6 @@ from jax import lax
 
 AxisName = Hashable | tuple[Hashable, ...]
 
-# Bits of ``ShiftedMoments.flags``, each set if it holds for some feature.
-FAR = 1  # the mean is far from the shift (another pass would help)
-NOT_FINITE = 2  # a mean or a variance is NaN or infinite
-COUNTED = 4  # the feature has a valid value (count > 0)
-
 
 class Moments(NamedTuple):
     """Per-feature batch statistics, each shaped like x with size-1 batch axes.
@@ -46,17 +41,17 @@ class ShiftedMoments(NamedTuple):
     passes (no gradient), so ``x - shift`` is exact for x near the mean and
     ``offset`` is small: the normalization ``(x - shift) - offset`` keeps the
     precision that a rounded float32 mean of, say, ``1e6 + N(0, 1)`` would
-    lose. ``flags`` (a scalar, batched only under ``jax.vmap``) has the bits
-    ``FAR``, ``NOT_FINITE`` and ``COUNTED`` of what the last pass found in
-    some feature, as a small integer in the count's float dtype (so that,
-    like the other fields, it has a tangent: zero).
+    lose. ``margin`` (a real scalar, batched only under ``jax.vmap``) is the
+    largest ``|offset|**2 - var`` (less the shift's resolution) of the last
+    pass: positive if a feature was still far from its shift, and NaN if
+    some statistic is not finite (then the batch is not recorded).
     """
 
     count: jax.Array
     shift: jax.Array
     offset: jax.Array
     var: jax.Array
-    flags: jax.Array
+    margin: jax.Array
 
 
 def real_dtype(dtype: Any) -> np.dtype:

@@ -254,7 +254,7 @@ def _train_jvp(static: StepOptions, primals: tuple, tangents: tuple) -> tuple:
         sum_t, sum_tc = psum_parts([sum_t, sum_tc], axis_name, groups)
     # An overflowed feature (r = 0) has a constant output: its sums may be
     # inf, and 0 * inf would be NaN.
-    sum_tc = jnp.where(r == 0, jnp.zeros_like(sum_tc), sum_tc)
+    sum_tc = lax.select(r == 0, jnp.zeros_like(sum_tc), sum_tc)
     inv_n = _inverse_count(static, x, mask, m.count)
     per_c = -(g * r * r) * (sum_tc * inv_n)
     if dscale is not None:

@@ -367,3 +367,58 @@ def test_issue_observation_explicit_mesh_without_set_mesh(kind, layer):
     want = jax.jit(apply)(x)
     got = jax.jit(apply)(jax.device_put(x, NamedSharding(mesh, x_spec)))
     chex.assert_trees_all_close(got, want, **TOL)
+
+
+# --- mixed placements: x and the statistics sharded differently ---------------------
+
+# name: (spec of x, spec of per-feature arrays) on the 2x4 mesh. Tensor
+# parallelism as most users write it shards x's features over "model" and
+# leaves the statistics replicated; the reverse (statistics sharded, x's
+# features replicated) is legal too. The do-while passes once failed the first
+# with Explicit axes under ``jax.set_mesh`` ("while_loop body function carry
+# input and carry output must have equal types ... float32[1,8] ...
+# float32[1,8@model]"), which the cells above, sharding both alike, missed.
+MIXED = {
+    "x-sharded-stats-replicated": (P("data", "model"), P()),
+    "x-replicated-stats-sharded": (P("data", None), P("model")),
+}
+
+
+@pytest.mark.parametrize("framework", ["core", "linen", "flax-linen"])
+@pytest.mark.parametrize("set_mesh", [False, True], ids=["no-set_mesh", "set_mesh"])
+@pytest.mark.parametrize("axis_type", list(AXIS_TYPES))
+@pytest.mark.parametrize("placement", list(MIXED))
+def test_mixed_placements_equal_single_device(placement, axis_type, set_mesh, framework):
+    mesh = mesh_of("2x4", axis_type)
+    x_spec, stats_spec = MIXED[placement]
+    variables = PURE[framework][1]()
+    x, w = inputs()
+    var_sh = jax.tree.map(
+        lambda a: NamedSharding(mesh, stats_spec if np.ndim(a) == 1 else P()), variables
+    )
+    args = (
+        jax.device_put(variables, var_sh),
+        *jax.device_put((x, w), NamedSharding(mesh, x_spec)),
+    )
+    if set_mesh:
+        with jax.set_mesh(mesh):
+            out = pure_jitted(framework, "train")(*args)
+    else:
+        out = pure_jitted(framework, "train")(*args)
+    chex.assert_trees_all_close(out, single_device(framework, "train"), **TOL)
+
+
+def test_issue_observation_tensor_parallel_replicated_statistics():
+    """The report as written: a 2-D x sharded (data, model), init's statistics."""
+    mesh = jax.make_mesh((2, 4), ("data", "model"))
+    x = jnp.asarray(np.random.default_rng(0).normal(3, 2, (32, 8)), jnp.float32)
+    params, stats = CORE.init(x)
+    f = jax.jit(lambda p, s, x: CORE.apply(p, s, x, train=True))
+    want = f(params, stats, x)
+    with jax.set_mesh(mesh):
+        got = f(params, stats, jax.device_put(x, NamedSharding(mesh, P("data", "model"))))
+    chex.assert_trees_all_close(got, want, **TOL)
+    x4 = x.reshape(2, 4, 4, 8)
+    with jax.set_mesh(mesh):
+        got4 = f(params, stats, jax.device_put(x4, NamedSharding(mesh, P("data", None, None, "model"))))
+    chex.assert_trees_all_close(got4, f(params, stats, x4), **TOL)
