@@ -270,17 +270,23 @@ def _evaluate(
 def _running_for_evaluation(
     config: BatchNormConfig, stats: BatchStats
 ) -> tuple[jax.Array, jax.Array]:
-    """The running mean and variance, debiased if the configuration says so."""
+    """The running mean and variance, debiased if the configuration says so.
+
+    After ``c`` updates with a constant momentum ``m`` a running average
+    started at ``v0`` is ``m**c * v0 + (1 - m) * sum(...)``: the average of
+    the batches alone is ``(v - m**c * v0) / (1 - m**c)``. The mean starts at
+    0, so it is divided; the variance starts at 1.
+    """
     mean, var = stats["mean"], stats["var"]
     if config.debias is None:
         return mean, var
     assert config.momentum is not None
     count = stats["count"].astype(var.dtype)
-    factor = 1.0 - jnp.asarray(config.momentum, var.dtype) ** count
-    factor = jnp.where(count > 0, factor, jnp.ones_like(factor))
+    pull = jnp.asarray(config.momentum, var.dtype) ** count  # 1 while count is 0
+    factor = jnp.where(count > 0, 1.0 - pull, jnp.ones_like(pull))
     mean = mean / factor.astype(mean.dtype)
     if config.debias == "mean_and_var":
-        var = var / factor
+        var = jnp.where(count > 0, (var - pull) / factor, var)
     return mean, var
 
 

@@ -216,15 +216,15 @@ def check_renorm(
 def check_debias(debias: Any, momentum: float | None, warmup: bool) -> str | None:
     """Checks ``debias``: None, ``"mean"`` or ``"mean_and_var"``.
 
-    Debiasing divides a plain moving average started at 0 by ``1 -
-    momentum**count``: it needs a constant momentum and no warm-up.
+    Debiasing undoes ``momentum**count`` of the initial value in a plain
+    moving average: it needs a constant momentum and no warm-up.
     """
     if debias is None:
         return None
     why = (
         "'mean' divides the running mean by 1 - momentum**count in evaluation "
-        "(TensorFlow's zero_debias_moving_mean); 'mean_and_var' divides both "
-        "(Equinox's mode='batch')."
+        "(TensorFlow's zero_debias_moving_mean); 'mean_and_var' debiases the "
+        "variance too (like Equinox's mode='batch')."
     )
     check_choice("debias", debias, ("mean", "mean_and_var"), why)
     if momentum is None or momentum == 1.0 or warmup:

@@ -138,11 +138,14 @@ def batch_norm(
         too: evaluation computes the training step's output.
       zero_masked: whether ``y`` is set to 0 where the mask is False (or the
         weight 0), in training and evaluation: zeroed padding.
-      debias: evaluation divides the running mean (``"mean"``, TensorFlow's
-        ``zero_debias_moving_mean``), or the running mean and variance
-        (``"mean_and_var"``, Equinox's ``mode="batch"``), by ``1 -
-        momentum**count`` (1 while ``count`` is 0), undoing the pull of their
-        initial values (0 and 1) on a plain moving average. Needs a momentum
+      debias: evaluation undoes the pull of the initial statistics on a
+        plain moving average: with ``p = momentum**count``, the mean becomes
+        ``mean / (1 - p)`` (``"mean"``, TensorFlow's
+        ``zero_debias_moving_mean``), and with ``"mean_and_var"`` the
+        variance, which starts at 1, ``(var - p) / (1 - p)`` too: both are
+        then the plain average of the batches seen (nothing changes while
+        ``count`` is 0). Equinox's ``mode="batch"`` divides its variance by
+        ``1 - p`` as well, which overstates it early on. Needs a momentum
         in ``[0, 1)`` and ``warmup=False``; the stored statistics stay the
         plain averages (``recalibrate`` and ``fold`` read those).
 

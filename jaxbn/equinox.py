@@ -56,9 +56,13 @@ class BatchNorm(eqx.nn.StatefulLayer):
       :func:`jaxbn.batch_norm`; ``warmup=False`` gives a plain moving average).
       Note that Equinox's own default when ``mode`` is not given is its legacy
       ``"ema"``; jaxbn's is this.
-    * ``mode="batch"``: Equinox's ``mode="batch"`` exactly: a plain moving
-      average (``warmup=False``) that inference divides by ``1 -
-      momentum**count`` (``debias="mean_and_var"``).
+    * ``mode="batch"``: Equinox's ``mode="batch"``: a plain moving average
+      (``warmup=False``) that inference debiases (``debias="mean_and_var"``).
+      Training is Equinox's exactly; inference differs in the variance:
+      Equinox divides the running variance, which starts at 1, by ``1 -
+      momentum**count`` (after one step at momentum 0.99 that is 100 times
+      the batch's variance), where jaxbn takes ``(var - momentum**count) /
+      (1 - momentum**count)``, the batches' own average.
     * ``mode="ema"`` (and ``"legacy"``): refused, with what to use instead:
       it normalizes training batches with a mix of batch and running
       statistics, which jaxbn does not do.

@@ -1,10 +1,13 @@
 """``debias``: evaluation with zero-debiased running averages.
 
 Against a NumPy float64 reference of a plain moving average started at mean
-0, var 1 and divided by ``1 - momentum**count`` (the mean only for "mean",
-TensorFlow's ``zero_debias_moving_mean``; both for "mean_and_var", Equinox's
-``mode="batch"``). Training outputs and the stored statistics are those of
-``debias=None``; float32 against float64 over 3 steps: 1e-5.
+0, var 1, with ``p = momentum**count``: the mean divided by ``1 - p`` (the
+mean only for "mean", TensorFlow's ``zero_debias_moving_mean``), and for
+"mean_and_var" the variance ``(var - p) / (1 - p)``, which undoes its start
+at 1 (Equinox's ``mode="batch"`` divides it, which overstated it: after one
+step at momentum 0.99 an output std of 0.245 instead of 1). Training outputs
+and the stored statistics are those of ``debias=None``; float32 against
+float64 over 3 steps: 1e-5.
 """
 
 import jax.numpy as jnp
@@ -43,7 +46,7 @@ def test_evaluation_divides_by_one_minus_momentum_to_the_count(debias):
         np.testing.assert_array_equal(stats[key], plain_stats[key])
     factor = 1 - m**3
     want_mean = mean / factor
-    want_var = var / factor if debias == "mean_and_var" else var
+    want_var = (var - m**3) / factor if debias == "mean_and_var" else var
     x = batches()[0]
     y, _ = layer.apply(params, stats, jnp.asarray(x), train=False)
     want = (x - want_mean) / np.sqrt(want_var + 1e-5)
@@ -67,3 +70,30 @@ def test_debias_errors_say_what_to_pass():
         jaxbn.batch_norm(momentum=None, debias="mean")
     with pytest.raises(ValueError, match="debias='both' is not known"):
         jaxbn.batch_norm(warmup=False, debias="both")
+
+
+@pytest.mark.parametrize("momentum", [0.9, 0.99, 0.999])
+def test_mean_and_var_is_the_average_of_the_batches_from_the_first_step(momentum):
+    # The issue's case: x = 1 + 2.5 N(0, 1); evaluating on the batches seen
+    # gives outputs of std 1 from the first step on (dividing the variance,
+    # which starts at 1, by 1 - momentum gave 0.245 at momentum 0.99).
+    rng = np.random.default_rng(1)
+    layer = jaxbn.batch_norm(momentum=momentum, warmup=False, debias="mean_and_var")
+    x0 = (1 + 2.5 * rng.standard_normal((256, 4))).astype(np.float32)
+    params, stats = layer.init(jnp.asarray(x0))
+    sums = np.zeros((2, 4))
+    weights = 0.0
+    for step in range(5):
+        x = x0 if step == 0 else (1 + 2.5 * rng.standard_normal((256, 4))).astype(np.float32)
+        _, stats = layer.apply(params, stats, jnp.asarray(x), train=True)
+        # The exponentially weighted average of the batches alone, in float64.
+        x64 = x.astype(np.float64)
+        sums = momentum * sums + (1 - momentum) * np.stack([x64.mean(0), x64.var(0)])
+        weights = momentum * weights + (1 - momentum)
+        y, _ = layer.apply(params, stats, jnp.asarray(x0), train=False)
+        want = (x0 - sums[0] / weights) / np.sqrt(sums[1] / weights + 1e-5)
+        # (var - p) / (1 - p) magnifies the float32 rounding of var by
+        # 1 / (1 - p): up to 1000 at momentum 0.999, ~6e-5 of var here.
+        np.testing.assert_allclose(np.asarray(y), want, rtol=1e-4, atol=1e-4)
+        if step == 0:
+            assert abs(float(jnp.std(y)) - 1.0) < 1e-3
