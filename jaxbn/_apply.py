@@ -246,7 +246,9 @@ def _training(
         return y, stats
     flat = Moments(*(a.reshape(geo.feature_shape) for a in moments))
     counted = always_counted(x, mask, geo.reduction_axes)
-    return y, update_running_stats(stats, flat, config, finite, counted)
+    return y, update_running_stats(
+        stats, flat, config, finite, counted, mean_is_finite=k is None
+    )
 
 
 def _evaluate(

@@ -10,8 +10,8 @@ itself) the pass is redone around ``shift + offset``, at most twice.
 The passes are one ``lax.while_loop`` whose body is the pass (a do-while): it
 runs once around the running mean, and again only when needed, and the pass is
 compiled once. The loop's one reduction across the features, the largest
-``margin`` by which a feature is far, is NaN when any statistic is not finite,
-so it also tells the running-average update whether to take the batch.
+``margin`` by which a feature is far, is infinite when a statistic is not
+finite, so it also tells the running-average update whether to take the batch.
 """
 
 from __future__ import annotations
@@ -58,6 +58,9 @@ class _State(NamedTuple):
     """The loop's carry: the statistics of the last pass, and how many.
 
     ``count`` is carried only when it is not known when tracing (else None).
+    ``passes`` and ``margin`` have shape (1,), not (): XLA looks for a loop
+    counter among the scalars a loop's condition reads, in every round of its
+    simplification passes, and (jaxlib 0.10.2) at length; it skips arrays.
     """
 
     passes: jax.Array
@@ -100,14 +103,15 @@ def _margin(shift: jax.Array, offset: jax.Array, var: jax.Array) -> jax.Array:
     """The largest ``|offset|**2 - var - resolution``: > 0 if a feature is far.
 
     A scalar reduction across the features (a max, which feature-sharded
-    ``jit`` turns into an all-reduce). ``var - var`` is 0 where the variance
-    is finite and NaN where it is infinite or NaN, and a NaN offset gives NaN
-    too: the margin is NaN exactly when some statistic is not finite, which
-    ends the loop and tells the update to skip the batch.
+    ``jit`` turns into an all-reduce). A feature whose variance is infinite
+    or NaN counts as +inf (its offset is 0, never NaN): the margin is infinite
+    exactly when some statistic is not finite, which tells the update to skip
+    the batch. Such a batch takes every pass, so that its finite features are
+    still re-centred.
     """
     resolution = (4.0 * float(jnp.finfo(var.dtype).eps)) ** 2
     far = abs2(offset) - var - resolution * abs2(shift)
-    return jnp.max(far + (var - var))
+    return jnp.max(lax.select(jnp.isfinite(var), far, jnp.full_like(far, jnp.inf)))
 
 
 def run_passes(
@@ -133,7 +137,7 @@ def run_passes(
       >>> m = run_passes(cfg, x, None, jnp.zeros((1, 2)))
       >>> [float(a[0, 0]) for a in (m.shift, m.offset, m.var)]  # re-centred
       [1000001.0, 0.0, 2.6666667]
-      >>> bool(jnp.isnan(m.margin))  # a statistic is not finite
+      >>> bool(jnp.isinf(m.margin))  # a statistic is not finite
       True
     """
     xs = x.astype(mean_dtype(x.dtype))
@@ -145,23 +149,24 @@ def run_passes(
             # Each group has its own statistics; every device must still take
             # the same number of passes, since each pass has an all-reduce.
             far = lax.pmax(far.astype(jnp.int32), cfg.axis_name) > 0
-        return (state.passes == 0) | ((state.passes < _MAX_PASSES) & far)
+        more = (state.passes == 0) | ((state.passes < _MAX_PASSES) & far)
+        return more.reshape(())
 
     def one_more(state: _State) -> _State:
         shift = state.shift + state.offset
         count, offset, var = _one_pass(cfg, xs, mask, local_count, shift)
-        margin = _margin(shift, offset, var)
+        margin = _margin(shift, offset, var).reshape(1)
         return _State(state.passes + 1, count, shift, offset, var, margin)
 
     real = real_dtype(x.dtype)
     zero = jnp.zeros(shift.shape, real)
     state = _State(
-        passes=jnp.zeros((), jnp.int32),
+        passes=jnp.zeros(1, jnp.int32),
         count=None if cfg.count is not None else zero,
         shift=shift,
         offset=zero if zero.dtype == shift.dtype else jnp.zeros_like(shift),
         var=zero,
-        margin=jnp.zeros((), real),
+        margin=jnp.zeros(1, real),
     )
     if _typed(x, mask, shift):
         for _ in range(2):  # a value the body mixes with a typed one is typed
@@ -170,7 +175,7 @@ def run_passes(
     count = out.count
     if count is None:
         count = jnp.full(shift.shape, cfg.count, real)
-    return ShiftedMoments(count, out.shift, out.offset, out.var, out.margin)
+    return ShiftedMoments(count, out.shift, out.offset, out.var, out.margin[0])
 
 
 def _typed(*arrays: Any) -> bool:

@@ -72,6 +72,7 @@ def update_running_stats(
     config: BatchNormConfig,
     finite: jax.Array,
     counted: bool = False,
+    mean_is_finite: bool = False,
 ) -> dict[str, jax.Array]:
     """Returns ``batch_stats`` moved towards ``moments`` (no gradient flows).
 
@@ -91,6 +92,9 @@ def update_running_stats(
       counted: every feature is known, at trace time, to have values (no
         mask, a non-empty batch), so the per-feature checks of the count are
         left out of the program.
+      mean_is_finite: the batch mean is finite even in a batch that is not
+        taken (the passes' mean is: a non-finite feature's offset is 0), so
+        it needs no guard.
 
     Returns:
       The new ``batch_stats``.
@@ -124,15 +128,18 @@ def update_running_stats(
         k = lax.select(moving, d, jnp.ones_like(d))
         taken = 1.0 - k
 
-        def moved(old: jax.Array, new: jax.Array) -> jax.Array:
-            new = lax.select(moving, new, jnp.zeros_like(new))
+        def moved(old: jax.Array, new: jax.Array, finite: bool = False) -> jax.Array:
+            # ``finite``: known finite (the mean: the passes set a non-finite
+            # feature's offset to 0), so no select is needed.
+            if not finite:
+                new = lax.select(moving, new, jnp.zeros_like(new))
             return (k * old + taken * new).astype(old.dtype)
 
         return moved
 
     moved = blend(d)
     new_stats = {
-        "mean": moved(batch_stats["mean"], mean),
+        "mean": moved(batch_stats["mean"], mean, finite=mean_is_finite),
         "var": moved(batch_stats["var"], var),
         "count": batch_stats["count"] + recorded.astype(batch_stats["count"].dtype),
     }

@@ -43,7 +43,7 @@ class ShiftedMoments(NamedTuple):
     precision that a rounded float32 mean of, say, ``1e6 + N(0, 1)`` would
     lose. ``margin`` (a real scalar, batched only under ``jax.vmap``) is the
     largest ``|offset|**2 - var`` (less the shift's resolution) of the last
-    pass: positive if a feature was still far from its shift, and NaN if
+    pass: positive if a feature was still far from its shift, and +inf if
     some statistic is not finite (then the batch is not recorded).
     """
 
