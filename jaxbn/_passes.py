@@ -58,9 +58,10 @@ class _State(NamedTuple):
     """The loop's carry: the statistics of the last pass, and how many.
 
     ``count`` is carried only when it is not known when tracing (else None).
-    ``passes`` and ``margin`` have shape (1,), not (): XLA looks for a loop
-    counter among the scalars a loop's condition reads, in every round of its
-    simplification passes, and (jaxlib 0.10.2) at length; it skips arrays.
+    ``passes`` and ``margin`` are scalars: as shape-(1,) arrays (which XLA's
+    search for a loop counter skips) they cost 9 more ops per batch norm,
+    and a paired compile of ResNet-50's train step was 6% slower with them
+    (``benchmarks.ab``, jaxlib 0.10.2).
     """
 
     passes: jax.Array
@@ -150,23 +151,23 @@ def run_passes(
             # the same number of passes, since each pass has an all-reduce.
             far = lax.pmax(far.astype(jnp.int32), cfg.axis_name) > 0
         more = (state.passes == 0) | ((state.passes < _MAX_PASSES) & far)
-        return more.reshape(())
+        return more
 
     def one_more(state: _State) -> _State:
         shift = state.shift + state.offset
         count, offset, var = _one_pass(cfg, xs, mask, local_count, shift)
-        margin = _margin(shift, offset, var).reshape(1)
+        margin = _margin(shift, offset, var)
         return _State(state.passes + 1, count, shift, offset, var, margin)
 
     real = real_dtype(x.dtype)
     zero = jnp.zeros(shift.shape, real)
     state = _State(
-        passes=jnp.zeros(1, jnp.int32),
+        passes=jnp.zeros((), jnp.int32),
         count=None if cfg.count is not None else zero,
         shift=shift,
         offset=zero if zero.dtype == shift.dtype else jnp.zeros_like(shift),
         var=zero,
-        margin=jnp.zeros(1, real),
+        margin=jnp.zeros((), real),
     )
     if _typed(x, mask, shift):
         for _ in range(2):  # a value the body mixes with a typed one is typed
@@ -175,7 +176,7 @@ def run_passes(
     count = out.count
     if count is None:
         count = jnp.full(shift.shape, cfg.count, real)
-    return ShiftedMoments(count, out.shift, out.offset, out.var, out.margin[0])
+    return ShiftedMoments(count, out.shift, out.offset, out.var, out.margin)
 
 
 def _typed(*arrays: Any) -> bool:
