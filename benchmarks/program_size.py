@@ -47,7 +47,7 @@ _OP_LINE = re.compile(r"^\s*(?:%\S+\s*=\s*)?\"?stablehlo\.[a-z_]+")
 
 
 def count_ops(text: str) -> int:
-    """The lines of StableHLO ``text`` that define a ``stablehlo.`` op.
+    r"""The lines of StableHLO ``text`` that define a ``stablehlo.`` op.
 
     Examples:
       >>> count_ops('%0 = stablehlo.add %a, %b : tensor<f32>\\n'
@@ -176,8 +176,7 @@ def render(counts: dict[str, dict[str, int]]) -> str:
     r = ratios(counts)
     for name, c in counts.items():
         cells = [
-            f"{c[p]}" + (f" ({r[name][p]:.2f}x)" if name in r else "")
-            for p in PROGRAMS
+            f"{c[p]}" + (f" ({r[name][p]:.2f}x)" if name in r else "") for p in PROGRAMS
         ]
         rows.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
@@ -194,7 +193,7 @@ def _commit() -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description="Program size of one batch norm.")
     parser.add_argument("--json", help="write the counts and ratios here")
     args = parser.parse_args(argv)
     names = ["flax.linen", "flax.nnx", "jaxbn", "jaxbn.linen", "jaxbn.nnx"]
@@ -205,9 +204,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "versions": {"jax": jax.__version__},
         "commit": _commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-        "command": "python -m benchmarks.program_size" + "".join(
-            f" {a}" for a in (argv if argv is not None else sys.argv[1:])
-        ),
+        "command": "python -m benchmarks.program_size"
+        + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:])),
         "counts": counts,
         "ratios": ratios(counts),
     }

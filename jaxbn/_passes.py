@@ -175,6 +175,7 @@ def run_passes(
     out = lax.while_loop(again, one_more, state)
     count = out.count
     if count is None:
+        assert cfg.count is not None
         count = jnp.full(shift.shape, cfg.count, real)
     return ShiftedMoments(count, out.shift, out.offset, out.var, out.margin)
 

@@ -115,7 +115,7 @@ def update_running_stats(
         recorded = finite & jnp.any(some)
         moving = finite & some
 
-    def blend(d: jax.Array) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    def blend(d: jax.Array) -> Callable[..., jax.Array]:
         # ``k * old + (1 - k) * new`` with ``k = d`` where the batch is taken
         # and 1 where it is not: exact at k = 0 (momentum 0: the batch's
         # statistics) and at k = 1 (the old value, bitwise). A batch not taken

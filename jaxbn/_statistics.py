@@ -120,7 +120,9 @@ def shifted_moments(
         start = jnp.zeros(kept, mean_dtype(x.dtype))
     else:
         start = jnp.broadcast_to(shift.astype(mean_dtype(x.dtype)), kept)
-    cfg = PassConfig(axes, axis_name, groups, known_count(x, mask, axes, axis_name, groups))
+    cfg = PassConfig(
+        axes, axis_name, groups, known_count(x, mask, axes, axis_name, groups)
+    )
     return _moments(cfg, x, mask, lax.stop_gradient(start))
 
 

@@ -84,7 +84,11 @@ def test_mean_and_var_is_the_average_of_the_batches_from_the_first_step(momentum
     sums = np.zeros((2, 4))
     weights = 0.0
     for step in range(5):
-        x = x0 if step == 0 else (1 + 2.5 * rng.standard_normal((256, 4))).astype(np.float32)
+        x = (
+            x0
+            if step == 0
+            else (1 + 2.5 * rng.standard_normal((256, 4))).astype(np.float32)
+        )
         _, stats = layer.apply(params, stats, jnp.asarray(x), train=True)
         # The exponentially weighted average of the batches alone, in float64.
         x64 = x.astype(np.float64)

@@ -84,12 +84,17 @@ def test_training_steps_running_statistics_and_inference(mode):
         return
     # mode="batch": the same mean as Equinox's zero-debiasing; the variance
     # undoes its start at 1, (var - p) / (1 - p), where Equinox divides it.
+    assert theirs.batch_counter is not None
     p = 0.9 ** int(t_state.get(theirs.batch_counter))
     mean, var = (np.asarray(a, np.float64) for a in running(theirs, t_state))
     mean, var = mean / (1 - p), (var - p) / (1 - p)
     channel = (-1, 1)  # Equinox's channels lead each example: (4, 3)
-    want = (np.asarray(x) - mean.reshape(channel)) / np.sqrt(var.reshape(channel) + 1e-5)
-    weight, bias = (np.asarray(a).reshape(channel) for a in (theirs.weight, theirs.bias))
+    want = (np.asarray(x) - mean.reshape(channel)) / np.sqrt(
+        var.reshape(channel) + 1e-5
+    )
+    weight, bias = (
+        np.asarray(a).reshape(channel) for a in (theirs.weight, theirs.bias)
+    )
     close(y_o, want * weight + bias)
     assert not np.allclose(np.asarray(y_o), np.asarray(y_t), rtol=1e-3)
 

@@ -122,5 +122,7 @@ def test_a_non_finite_feature_does_not_stop_the_others_being_re_centred():
     x = (1e6 + rng.standard_normal((256, 2))).astype(np.float32)
     x[5, 1] = np.nan
     m = shifted_moments(jnp.asarray(x), (0,))
-    np.testing.assert_allclose(float(m.var[0, 0]), x[:, 0].astype(np.float64).var(), rtol=1e-5)
+    np.testing.assert_allclose(
+        float(m.var[0, 0]), x[:, 0].astype(np.float64).var(), rtol=1e-5
+    )
     assert bool(jnp.isinf(m.margin))

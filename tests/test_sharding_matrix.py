@@ -388,7 +388,9 @@ MIXED = {
 @pytest.mark.parametrize("set_mesh", [False, True], ids=["no-set_mesh", "set_mesh"])
 @pytest.mark.parametrize("axis_type", list(AXIS_TYPES))
 @pytest.mark.parametrize("placement", list(MIXED))
-def test_mixed_placements_equal_single_device(placement, axis_type, set_mesh, framework):
+def test_mixed_placements_equal_single_device(
+    placement, axis_type, set_mesh, framework
+):
     mesh = mesh_of("2x4", axis_type)
     x_spec, stats_spec = MIXED[placement]
     variables = PURE[framework][1]()
@@ -416,9 +418,15 @@ def test_issue_observation_tensor_parallel_replicated_statistics():
     f = jax.jit(lambda p, s, x: CORE.apply(p, s, x, train=True))
     want = f(params, stats, x)
     with jax.set_mesh(mesh):
-        got = f(params, stats, jax.device_put(x, NamedSharding(mesh, P("data", "model"))))
+        got = f(
+            params, stats, jax.device_put(x, NamedSharding(mesh, P("data", "model")))
+        )
     chex.assert_trees_all_close(got, want, **TOL)
     x4 = x.reshape(2, 4, 4, 8)
     with jax.set_mesh(mesh):
-        got4 = f(params, stats, jax.device_put(x4, NamedSharding(mesh, P("data", None, None, "model"))))
+        got4 = f(
+            params,
+            stats,
+            jax.device_put(x4, NamedSharding(mesh, P("data", None, None, "model"))),
+        )
     chex.assert_trees_all_close(got4, f(params, stats, x4), **TOL)
