@@ -74,8 +74,17 @@ class _State(NamedTuple):
 
 def _one_pass(
     cfg: PassConfig, xs: jax.Array, mask: Any, local_count: Any, shift: jax.Array
-) -> tuple[jax.Array | None, jax.Array, jax.Array]:
-    """One fused pass over x around ``shift``: ``(count or None, offset, var)``."""
+) -> tuple[jax.Array | None, jax.Array, jax.Array, jax.Array]:
+    """One fused pass over x around ``shift``: ``(count or None, offset, var, margin)``.
+
+    ``margin`` is the largest ``|offset|**2 - var - resolution`` across the
+    features: > 0 if a feature is far from its shift. A scalar reduction
+    across the features (a max, which feature-sharded ``jit`` turns into an
+    all-reduce). A feature whose sums are not finite counts as +inf: the
+    margin is infinite exactly when some statistic is not finite, which
+    tells the update to skip the batch. Such a batch takes every pass, so
+    that its finite features are still re-centred.
+    """
     d1, d2 = shifted_pair(xs, shift)
     d2 = abs2(d2)
     if mask is not None:
@@ -94,25 +103,17 @@ def _one_pass(
         inv_n = 1.0 / jnp.maximum(count, 1.0)
     # A sum of squares that overflows (finite x, |x - shift| ~ 1e19 in
     # float32) makes the variance inf; the offset is then 0, so that x - shift
-    # stays finite and normalizes to the bias. (NaN input keeps s2 NaN.)
-    offset = lax.select(jnp.isfinite(s2), s1 * inv_n, jnp.zeros_like(s1))
-    var = jnp.maximum(s2 * inv_n - abs2(offset), 0.0)
-    return count, offset, var
-
-
-def _margin(shift: jax.Array, offset: jax.Array, var: jax.Array) -> jax.Array:
-    """The largest ``|offset|**2 - var - resolution``: > 0 if a feature is far.
-
-    A scalar reduction across the features (a max, which feature-sharded
-    ``jit`` turns into an all-reduce). A feature whose variance is infinite
-    or NaN counts as +inf (its offset is 0, never NaN): the margin is infinite
-    exactly when some statistic is not finite, which tells the update to skip
-    the batch. Such a batch takes every pass, so that its finite features are
-    still re-centred.
-    """
+    # stays finite and normalizes to the bias. (NaN input keeps s2 NaN.) The
+    # one test of finiteness serves the offset and the margin: the variance
+    # is finite exactly where s2 is.
+    finite = jnp.isfinite(s2)
+    offset = lax.select(finite, s1 * inv_n, jnp.zeros_like(s1))
+    offset2 = abs2(offset)
+    var = jnp.maximum(s2 * inv_n - offset2, 0.0)
     resolution = (4.0 * float(jnp.finfo(var.dtype).eps)) ** 2
-    far = abs2(offset) - var - resolution * abs2(shift)
-    return jnp.max(lax.select(jnp.isfinite(var), far, jnp.full_like(far, jnp.inf)))
+    far = offset2 - var - resolution * abs2(shift)
+    margin = jnp.max(lax.select(finite, far, jnp.full_like(far, jnp.inf)))
+    return count, offset, var, margin
 
 
 def run_passes(
@@ -145,18 +146,16 @@ def run_passes(
     local_count = None if cfg.count is not None else count_values(x, mask, cfg.axes)
 
     def again(state: _State) -> jax.Array:
-        far = state.margin > 0
+        far = state.margin > 0  # +inf before the first pass
         if cfg.groups is not None:
             # Each group has its own statistics; every device must still take
             # the same number of passes, since each pass has an all-reduce.
             far = lax.pmax(far.astype(jnp.int32), cfg.axis_name) > 0
-        more = (state.passes == 0) | ((state.passes < _MAX_PASSES) & far)
-        return more
+        return (state.passes < _MAX_PASSES) & far
 
     def one_more(state: _State) -> _State:
         shift = state.shift + state.offset
-        count, offset, var = _one_pass(cfg, xs, mask, local_count, shift)
-        margin = _margin(shift, offset, var)
+        count, offset, var, margin = _one_pass(cfg, xs, mask, local_count, shift)
         return _State(state.passes + 1, count, shift, offset, var, margin)
 
     real = real_dtype(x.dtype)
@@ -167,7 +166,7 @@ def run_passes(
         shift=shift,
         offset=zero if zero.dtype == shift.dtype else jnp.zeros_like(shift),
         var=zero,
-        margin=jnp.zeros((), real),
+        margin=jnp.full((), jnp.inf, real),
     )
     if _typed(x, mask, shift):
         for _ in range(2):  # a value the body mixes with a typed one is typed

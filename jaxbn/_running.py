@@ -127,6 +127,9 @@ def update_running_stats(
         d = jnp.broadcast_to(d.astype(real), moving.shape)  # scalar if moving is
         k = lax.select(moving, d, jnp.ones_like(d))
         taken = 1.0 - k
+        # Broadcast once, for every statistic.
+        k = jnp.broadcast_to(k, var.shape)
+        taken = jnp.broadcast_to(taken, var.shape)
 
         def moved(old: jax.Array, new: jax.Array, finite: bool = False) -> jax.Array:
             # ``finite``: known finite (the mean: the passes set a non-finite
