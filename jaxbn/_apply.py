@@ -134,10 +134,14 @@ def run(
     scale: ArrayLike | None,
     offset: ArrayLike | None,
     dtype: Any,
+    count_dtype: Any = jnp.int32,
 ) -> tuple[jax.Array, BatchStats]:
     """:func:`apply` with the output ``dtype`` given by the caller.
 
-    ``dtype=None`` is the configuration's, else x's. The adapters' entry point.
+    ``dtype=None`` is the configuration's, else x's. The adapters' entry point:
+    they also give the dtype of their own ``count`` (float32 for the Flax
+    adapters), which the update then keeps, with no conversion to int32 and
+    back in every call.
     """
     geo = config.geometry(x)
     train = inputs.check_train(train)
@@ -150,6 +154,7 @@ def run(
         False,
     )
     spec = config.stats_spec(geo.feature_shape, x.dtype)
+    spec["count"] = ((), (jnp.dtype(count_dtype),))
     inputs.check_mapping("batch_stats", batch_stats, spec, geo.axes, config.axis, True)
     mask, affine = _call_inputs(config, geo, params, x, mask, weights, scale, offset)
     if dtype is None:
@@ -303,6 +308,6 @@ def _renorm_operands(
     return RenormOperands(
         stats["renorm_mean"].reshape(kept),
         stats["renorm_std"].reshape(kept),
-        clip_bound("rmax", options.rmax, stats["count"]),
-        clip_bound("dmax", options.dmax, stats["count"]),
+        clip_bound("rmax", options.rmax, stats["count"].astype(jnp.int32)),
+        clip_bound("dmax", options.dmax, stats["count"].astype(jnp.int32)),
     )

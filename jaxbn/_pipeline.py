@@ -147,12 +147,11 @@ def promoted_dtype(*values: Any) -> Any:
 
 
 def _core_count(count: Any) -> jax.Array:
-    """The core's int32 count from an adapter's (float32, int32 or Python int)."""
-    if isinstance(count, jax.Array) and jnp.issubdtype(count.dtype, jnp.integer):
-        return count.astype(jnp.int32)
-    # Clipped so that a float32 count rounded up past int32 cannot overflow.
-    count = jnp.minimum(jnp.asarray(count, jnp.float32), float(CONVERGED_COUNT))
-    return count.astype(jnp.int32)
+    """The count the core updates: an adapter's array as it is (float32 for the
+    Flax adapters, int32 for Equinox), or a Python int as int32."""
+    if isinstance(count, int):
+        return jnp.asarray(min(count, CONVERGED_COUNT), jnp.int32)
+    return jnp.asarray(count)  # e.g. a NumPy array restored from a checkpoint
 
 
 def core_stats(
@@ -206,13 +205,15 @@ def normalize(
     features = config.geometry(x).feature_shape
     core_params = {k: p.reshape(features) for k, p in params.items()}
     core_dtype = None if jnp.issubdtype(dtype, jnp.complexfloating) else dtype
+    core = core_stats(stats, features, x.dtype)
     y, new = run(
         config,
         core_params,
-        core_stats(stats, features, x.dtype),
+        core,
         x,
         train=train,
         dtype=core_dtype,
+        count_dtype=core["count"].dtype,
         **call._asdict(),
     )
     y = y if y.dtype == dtype else y.astype(dtype)
