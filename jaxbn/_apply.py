@@ -160,15 +160,48 @@ def run(
     if dtype is None:
         dtype = x.dtype if config.dtype is None else config.dtype
     _check_batch(config, geo, x, train)
+    plan = Plan(config, geo, jnp.dtype(dtype), train if isinstance(train, bool) else None)
+    flag = None if isinstance(train, bool) else train
+    return _compute(plan, Operands(x, mask, batch_stats), affine, flag)
+
+
+class Plan(NamedTuple):
+    """What a checked call computes, known when tracing (hashable).
+
+    Attributes:
+      config: the layer's configuration.
+      geo: where x's features are.
+      dtype: the output dtype.
+      train: the Python ``train`` flag, or None for a traced one.
+    """
+
+    config: BatchNormConfig
+    geo: Geometry
+    dtype: Any
+    train: bool | None
+
+
+@partial(jax.jit, static_argnums=0)
+def _compute(
+    plan: Plan, operands: Operands, affine: Affine, flag: jax.Array | None
+) -> tuple[jax.Array, BatchStats]:
+    """The checked call's computation, as one jitted function.
+
+    Inside a user's ``jax.jit`` it is inlined; called eagerly (a notebook, a
+    debugger) it is one dispatch of a cached compiled program per plan and
+    shapes, rather than one per operation, with the transformations'
+    bookkeeping (``jax.checkpoint``, ``custom_jvp``) done once when tracing.
+    """
+    config, geo, dtype, train = plan
     branches = (
         partial(_training, config, geo, affine, dtype),
         partial(_evaluate, config, geo, affine, dtype),
     )
-    operands = Operands(x, mask, batch_stats)
-    if isinstance(train, bool):
+    if train is not None:
         y, stats = branches[0](operands) if train else branches[1](operands)
     else:
-        y, stats = lax.cond(train, *branches, operands)
+        y, stats = lax.cond(flag, *branches, operands)
+    mask = operands.mask
     if config.zero_masked and mask is not None:
         y = jnp.where(valid(mask), y, jnp.zeros((), y.dtype))
     return y, stats
