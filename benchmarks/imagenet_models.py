@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -35,12 +36,19 @@ class _Block(nn.Module):
     filters: int
     strides: int
     norm: Callable[..., nn.Module]
+    dtype: Any = None
+
+    def conv(self, *args: Any, **kwargs: Any) -> nn.Conv:
+        """``nn.Conv`` without bias, in the block's dtype if it has one."""
+        if self.dtype is not None:
+            kwargs["dtype"] = self.dtype
+        return nn.Conv(*args, use_bias=False, **kwargs)
 
     def shortcut(self, x: jax.Array, y: jax.Array) -> jax.Array:
         """``relu(x + y)``, x projected and normalized where the shape changes."""
         if x.shape != y.shape:
             s = (self.strides, self.strides)
-            x = nn.Conv(y.shape[-1], (1, 1), s, use_bias=False)(x)
+            x = self.conv(y.shape[-1], (1, 1), s)(x)
             x = self.norm()(x)
         return nn.relu(x + y)
 
@@ -52,9 +60,9 @@ class BasicBlock(_Block):
     def __call__(self, x: jax.Array) -> jax.Array:
         """Returns ``relu(shortcut(x) + bn(conv(relu(bn(conv(x))))))``."""
         s = (self.strides, self.strides)
-        y = nn.Conv(self.filters, (3, 3), s, use_bias=False)(x)
+        y = self.conv(self.filters, (3, 3), s)(x)
         y = nn.relu(self.norm()(y))
-        y = nn.Conv(self.filters, (3, 3), use_bias=False)(y)
+        y = self.conv(self.filters, (3, 3))(y)
         y = self.norm(scale_init=nn.initializers.zeros)(y)
         return self.shortcut(x, y)
 
@@ -66,10 +74,10 @@ class Bottleneck(_Block):
     def __call__(self, x: jax.Array) -> jax.Array:
         """Returns ``relu(shortcut(x) + bn(conv1x1(...)))``."""
         s = (self.strides, self.strides)
-        y = nn.relu(self.norm()(nn.Conv(self.filters, (1, 1), use_bias=False)(x)))
-        y = nn.Conv(self.filters, (3, 3), s, use_bias=False)(y)
+        y = nn.relu(self.norm()(self.conv(self.filters, (1, 1))(x)))
+        y = self.conv(self.filters, (3, 3), s)(y)
         y = nn.relu(self.norm()(y))
-        y = nn.Conv(4 * self.filters, (1, 1), use_bias=False)(y)
+        y = self.conv(4 * self.filters, (1, 1))(y)
         y = self.norm(scale_init=nn.initializers.zeros)(y)
         return self.shortcut(x, y)
 
@@ -91,31 +99,42 @@ class ResNet(nn.Module):
     norm: Callable[..., nn.Module]
     filters: int = 64
     num_classes: int = NUM_CLASSES
+    dtype: Any = None
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         """Returns logits of shape ``(batch, num_classes)`` for NHWC images."""
+        typed = {} if self.dtype is None else {"dtype": self.dtype}
         norm = functools.partial(
-            self.norm, use_running_average=not train, momentum=0.9, epsilon=1e-5
+            self.norm,
+            use_running_average=not train,
+            momentum=0.9,
+            epsilon=1e-5,
+            **typed,
         )
         x = nn.Conv(
-            self.filters, (7, 7), (2, 2), padding=[(3, 3), (3, 3)], use_bias=False
+            self.filters,
+            (7, 7),
+            (2, 2),
+            padding=[(3, 3), (3, 3)],
+            use_bias=False,
+            **typed,
         )(x)
         x = nn.relu(norm()(x))
         x = nn.max_pool(x, (3, 3), (2, 2), padding="SAME")
         for stage, blocks in enumerate(self.stage_sizes):
             for b in range(blocks):
                 strides = 2 if stage > 0 and b == 0 else 1
-                x = self.block(self.filters * 2**stage, strides, norm)(x)
+                x = self.block(self.filters * 2**stage, strides, norm, self.dtype)(x)
         x = jnp.mean(x, axis=(1, 2))
-        return nn.Dense(self.num_classes)(x)
+        return nn.Dense(self.num_classes, **typed)(x)
 
 
-def resnet18(norm: Callable[..., nn.Module]) -> ResNet:
+def resnet18(norm: Callable[..., nn.Module], dtype: Any = None) -> ResNet:
     """ResNet-18: basic blocks, stages (2, 2, 2, 2); 20 batch norms."""
-    return ResNet((2, 2, 2, 2), BasicBlock, norm)
+    return ResNet((2, 2, 2, 2), BasicBlock, norm, dtype=dtype)
 
 
-def resnet50(norm: Callable[..., nn.Module]) -> ResNet:
+def resnet50(norm: Callable[..., nn.Module], dtype: Any = None) -> ResNet:
     """ResNet-50: bottleneck blocks, stages (3, 4, 6, 3); 53 batch norms."""
-    return ResNet((3, 4, 6, 3), Bottleneck, norm)
+    return ResNet((3, 4, 6, 3), Bottleneck, norm, dtype=dtype)

@@ -160,9 +160,13 @@ def run(
     if dtype is None:
         dtype = x.dtype if config.dtype is None else config.dtype
     _check_batch(config, geo, x, train)
-    plan = Plan(config, geo, jnp.dtype(dtype), train if isinstance(train, bool) else None)
+    plan = Plan(
+        config, geo, jnp.dtype(dtype), train if isinstance(train, bool) else None
+    )
     flag = None if isinstance(train, bool) else train
-    return _compute(plan, Operands(x, mask, batch_stats), affine, flag)
+    y, stats = _compute(plan, Operands(x, mask, batch_stats), affine, flag)
+    # Evaluation returns the very statistics it was given (not a copy).
+    return y, batch_stats if train is False else stats
 
 
 class Plan(NamedTuple):

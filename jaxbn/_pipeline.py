@@ -147,8 +147,11 @@ def promoted_dtype(*values: Any) -> Any:
 
 
 def _core_count(count: Any) -> jax.Array:
-    """The count the core updates: an adapter's array as it is (float32 for the
-    Flax adapters, int32 for Equinox), or a Python int as int32."""
+    """The count the core updates, in the adapter's own dtype.
+
+    An adapter's array as it is (float32 for the Flax adapters, int32 for
+    Equinox), or a Python int (no count variable) as int32.
+    """
     if isinstance(count, int):
         return jnp.asarray(min(count, CONVERGED_COUNT), jnp.int32)
     return jnp.asarray(count)  # e.g. a NumPy array restored from a checkpoint
