@@ -63,9 +63,11 @@ class BatchNorm(eqx.nn.StatefulLayer):
       momentum**count`` (after one step at momentum 0.99 that is 100 times
       the batch's variance), where jaxbn takes ``(var - momentum**count) /
       (1 - momentum**count)``, the batches' own average.
-    * ``mode="ema"`` (and ``"legacy"``): refused, with what to use instead:
-      it normalizes training batches with a mix of batch and running
-      statistics, which jaxbn does not do.
+    * ``mode="ema"`` (and ``"legacy"``): Equinox's legacy batch norm,
+      matched: the first training step takes the batch's statistics, each
+      later one normalizes with ``momentum * running + (1 - momentum) *
+      batch`` and stores it. A plain average (no warm-up), and none of the
+      core's variants or call-time inputs (a ValueError says so).
 
     A batch with one value per channel (a batch of one under ``vmap``)
     normalizes to the bias, as in Equinox. The statistics are stored in the
@@ -84,8 +86,8 @@ class BatchNorm(eqx.nn.StatefulLayer):
         True uses the running ones. Set by ``eqx.nn.inference_mode``,
         overridden at call time.
       dtype: dtype of ``weight`` and ``bias`` (default float32).
-      mode: None (jaxbn's running averages) or ``"batch"`` (Equinox's), see
-        above; ``"ema"`` and ``"legacy"`` are refused.
+      mode: None (jaxbn's running averages), ``"batch"`` or ``"ema"``
+        (``"legacy"``), Equinox's, see above.
       warmup: whether the running-average decay warms up; default on, except
         with ``mode="batch"`` or ``momentum=None``.
       running_var, renorm, rmax, dmax, renorm_momentum, virtual_batch_size,
