@@ -167,21 +167,21 @@ class BatchNorm(eqx.nn.StatefulLayer):
         mode, warmup, debias = _resolve_mode(mode, warmup, debias, locals())
         dtype = check_float_dtype("dtype", dtype, allow_none=True)
         dtype = jnp.float32 if dtype is None else dtype
-        self.input_size, self.eps, self.momentum = input_size, eps, momentum
+        self.input_size = input_size
+        self.eps = eps
+        self.momentum = momentum
         self.axis_name = tuple(axis_name) if isinstance(axis_name, list) else axis_name
-        self.channelwise_affine, self.mode = bool(channelwise_affine), mode
+        self.channelwise_affine = bool(channelwise_affine)
+        self.mode = mode
         self.inference = inference
-        self.running_var, self.renorm, self.rmax, self.dmax = (
-            running_var,
-            renorm,
-            rmax,
-            dmax,
-        )
-        self.renorm_momentum, self.virtual_batch_size = (
-            renorm_momentum,
-            virtual_batch_size,
-        )
-        self.eval_mode, self.zero_masked = eval_mode, zero_masked
+        self.running_var = running_var
+        self.renorm = renorm
+        self.rmax = rmax
+        self.dmax = dmax
+        self.renorm_momentum = renorm_momentum
+        self.virtual_batch_size = virtual_batch_size
+        self.eval_mode = eval_mode
+        self.zero_masked = zero_masked
         self.debias = debias
         self.config = pipeline.adapter_config(  # checks the hyperparameters now
             axis=0 if self.axis_name is not None else 1,

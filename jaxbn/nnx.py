@@ -160,16 +160,28 @@ class BatchNorm(nnx.Module):
         zero_masked: bool = False,
         debias: str | None = None,
     ):
-        self.num_features, self.use_running_average = num_features, use_running_average
-        self.axis, self.momentum, self.epsilon = axis, momentum, epsilon
-        self.dtype, self.param_dtype = dtype, param_dtype
-        self.use_bias, self.use_scale = use_bias, use_scale
-        self.axis_name, self.axis_index_groups = axis_name, axis_index_groups
-        self.use_fast_variance, self.promote_dtype = use_fast_variance, promote_dtype
-        self.warmup, self.running_var, self.eval_mode = warmup, running_var, eval_mode
-        self.renorm, self.rmax, self.dmax = renorm, rmax, dmax
+        self.num_features = num_features
+        self.use_running_average = use_running_average
+        self.axis = axis
+        self.momentum = momentum
+        self.epsilon = epsilon
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        self.use_bias = use_bias
+        self.use_scale = use_scale
+        self.axis_name = axis_name
+        self.axis_index_groups = axis_index_groups
+        self.use_fast_variance = use_fast_variance
+        self.promote_dtype = promote_dtype
+        self.warmup = warmup
+        self.running_var = running_var
+        self.eval_mode = eval_mode
+        self.renorm = renorm
+        self.rmax = rmax
+        self.dmax = dmax
         self.renorm_momentum = renorm_momentum
-        self.virtual_batch_size, self.zero_masked = virtual_batch_size, zero_masked
+        self.virtual_batch_size = virtual_batch_size
+        self.zero_masked = zero_masked
         self.debias = debias
         # Checks the hyperparameters now, once.
         self.config: BatchNormConfig = pipeline.adapter_config(

@@ -1,14 +1,15 @@
-"""The package's shape: small functions, thin adapters, imports that only go down.
+"""The package's shape: imports that only go down, every option everywhere.
 
 These guard the layout that ``docs/design.md`` describes, so that a change
-that breaks it fails here rather than in a review months later.
+that breaks it fails here rather than in a review months later. (Caps on the
+lines of a function were removed: code was packed to fit them. Whether a
+function reads in one go is a reviewer's call, not a count.)
 """
 
 import ast
 import dataclasses
 import inspect
 import pkgutil
-from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -44,56 +45,6 @@ def _module_name(path: Path) -> str:
     """``_layer`` for jaxbn/_layer.py; ``interop`` for anything in jaxbn/interop/."""
     parts = path.relative_to(PACKAGE).with_suffix("").parts
     return parts[0]
-
-
-def _code_lines(lines: Sequence[str], node: ast.AST) -> int:
-    """Lines of a function without its docstring, blank and comment lines."""
-    assert isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
-    skip = range(0)
-    first = node.body[0]
-    if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
-        assert first.end_lineno is not None
-        skip = range(first.lineno, first.end_lineno + 1)
-    assert node.end_lineno is not None
-    return sum(
-        1
-        for i in range(node.lineno, node.end_lineno + 1)
-        if i not in skip and lines[i - 1].strip() and lines[i - 1].strip()[0] != "#"
-    )
-
-
-def _functions() -> list[tuple[str, int]]:
-    found = []
-    for path in SOURCES:
-        text = path.read_text()
-        lines = text.splitlines()
-        for node in ast.walk(ast.parse(text)):
-            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
-                where = f"{path.relative_to(PACKAGE)}:{node.lineno}:{node.name}"
-                found.append((where, _code_lines(lines, node)))
-    return found
-
-
-def test_no_function_is_longer_than_a_screen():
-    long = {where: n for where, n in _functions() if n > 60}
-    assert not long, f"functions over 60 lines of code: {long}"
-
-
-def test_line_counter_counts_code_only():
-    src = 'def f(x):\n    """Doc.\n\n    More.\n    """\n    # note\n\n    return x\n'
-    node = ast.parse(src).body[0]
-    assert _code_lines(src.splitlines(), node) == 2
-
-
-@pytest.mark.parametrize("module", ["linen.py", "nnx.py", "equinox.py"])
-def test_adapters_call_is_thin(module):
-    lengths = dict(_functions())
-    (call,) = [
-        n
-        for where, n in lengths.items()
-        if where.startswith(module) and where.endswith(":__call__")
-    ]
-    assert call <= 40, f"{module}'s __call__ has {call} lines of code"
 
 
 def _jaxbn_imports(path: Path) -> set[str]:

@@ -24,6 +24,7 @@ OPTIONS = [
     {"renorm": True, "rmax": 1.5, "dmax": 0.5, "renorm_momentum": 0.8},
     {"virtual_batch_size": 4, "zero_masked": True},
     {"momentum": 1.0, "warmup": False, "eval_mode": "batch"},
+    {"momentum": 0.9, "warmup": False, "debias": "mean_and_var"},
 ]
 
 
@@ -40,6 +41,7 @@ def keeps_count(options):
         options.get("warmup", True)
         or ("momentum" in options and options["momentum"] is None)
         or options.get("renorm", False)
+        or options.get("debias") is not None
     )
 
 
