@@ -8,6 +8,7 @@ finite differences, and the global computation for ``axis_name`` under
 from __future__ import annotations
 
 import functools
+import math
 
 import chex
 import jax
@@ -477,9 +478,20 @@ def test_random_shapes_axes_and_masks(shape, data):
         # Every feature needs a valid value for the reference to be finite.
         mask = np.array(mask)
         mask[tuple(0 if i in axes else slice(None) for i in range(ndim))] = True
-    *_, grads, grads_ref = fused_and_reference(x, mask, scale, bias, w, axes=axes)
+    _, (_, _, var_ref), grads, grads_ref = fused_and_reference(
+        x, mask, scale, bias, w, axes=axes
+    )
+    # With two values per feature the input gradient is g * r * (t - mean(t))
+    # * eps / (var + eps): the float32 rounding of x - mean is magnified
+    # (var + eps) / eps times (seen: 2.4e-4 relative at var 4.3e-4, against
+    # float64, for this layer and base alike; the float32 autodiff reference
+    # rounds differently). More values per feature do not cancel so.
+    two = math.prod(shape[a] for a in axes) == 2
+    kappa = 1.0 + float(jnp.max(var_ref)) / EPS if two else 1.0
     for g, g_ref in zip(grads, grads_ref, strict=True):
         # Two values per feature make tiny gradients from O(1) terms: absolute
         # error at least ~1e-7 whatever the gradient's size.
         scale_of = max(float(jnp.max(jnp.abs(g_ref))), 1.0)
-        chex.assert_trees_all_close(g, g_ref, atol=2e-5 * scale_of, rtol=1e-4)
+        chex.assert_trees_all_close(
+            g, g_ref, atol=2e-5 * scale_of * kappa, rtol=1e-4 * kappa
+        )
