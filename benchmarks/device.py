@@ -134,7 +134,8 @@ def device_facts() -> dict[str, Any]:
     return facts
 
 
-def _commit() -> str:
+def commit() -> str:
+    """The checkout's commit (``git rev-parse HEAD``), or "unknown"."""
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=30
@@ -423,7 +424,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     started = time.perf_counter()
     result: dict[str, Any] = {
         "device": device_facts(),
-        "commit": _commit(),
+        "commit": commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         "command": "python -m benchmarks.device " + " ".join(argv or sys.argv[1:]),
         "quick": args.quick,

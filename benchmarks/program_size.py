@@ -26,7 +26,6 @@ import argparse
 import datetime
 import json
 import re
-import subprocess
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -34,6 +33,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from benchmarks import device
 
 SHAPE = (8, 16, 16, 64)
 PROGRAMS = ("step", "forward", "eval")
@@ -182,16 +183,6 @@ def render(counts: dict[str, dict[str, int]]) -> str:
     return "\n".join(rows)
 
 
-def _commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-        )
-        return out.stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description="Program size of one batch norm.")
     parser.add_argument("--json", help="write the counts and ratios here")
@@ -202,7 +193,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "shape": list(SHAPE),
         "dtype": "float32",
         "versions": {"jax": jax.__version__},
-        "commit": _commit(),
+        "commit": device.commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         "command": "python -m benchmarks.program_size"
         + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:])),
