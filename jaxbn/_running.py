@@ -131,10 +131,12 @@ def update_running_stats(
         k = jnp.broadcast_to(k, var.shape)
         taken = jnp.broadcast_to(taken, var.shape)
 
-        def moved(old: jax.Array, new: jax.Array, finite: bool = False) -> jax.Array:
-            # ``finite``: known finite (the mean: the passes set a non-finite
-            # feature's offset to 0), so no select is needed.
-            if not finite:
+        def moved(
+            old: jax.Array, new: jax.Array, known_finite: bool = False
+        ) -> jax.Array:
+            # ``known_finite``: finite in every batch (the mean: the passes set
+            # a non-finite feature's offset to 0), so no select is needed.
+            if not known_finite:
                 new = lax.select(moving, new, jnp.zeros_like(new))
             return (k * old + taken * new).astype(old.dtype)
 
@@ -142,7 +144,7 @@ def update_running_stats(
 
     moved = blend(d)
     new_stats = {
-        "mean": moved(batch_stats["mean"], mean, finite=mean_is_finite),
+        "mean": moved(batch_stats["mean"], mean, known_finite=mean_is_finite),
         "var": moved(batch_stats["var"], var),
         "count": batch_stats["count"] + recorded.astype(batch_stats["count"].dtype),
     }
