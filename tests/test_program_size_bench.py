@@ -41,9 +41,10 @@ def test_ratios_are_the_recorded_counts_divided(counts):
 
 
 def test_one_batch_norm_stays_within_its_program_budget(counts):
-    # The lighter-program issue's sizes (jax 0.10.2): step 174, forward 109,
-    # eval 18 for the core (244, 179, 18 before it). A change that adds ops
-    # to every batch norm fails here; raise the budget only with a reason.
-    budget = {"step": 180, "forward": 115, "eval": 18}
+    # The lighter-program issue's sizes (jax 0.10.2): step 161, forward 99,
+    # eval 15 for the core (244, 179, 18 before it), with a few ops to spare
+    # for lowering changes of a newer jax. A change that adds ops to every
+    # batch norm fails here; raise the budget only with a reason.
+    budget = {"step": 168, "forward": 104, "eval": 16}
     for p, limit in budget.items():
         assert counts["jaxbn"][p] <= limit, (p, counts["jaxbn"][p])
