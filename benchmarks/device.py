@@ -145,6 +145,14 @@ def commit() -> str:
         return "unknown"
 
 
+def write_results(result: dict[str, Any], path: str | None) -> None:
+    """Writes ``result`` as indented JSON to ``path`` (nothing if None)."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(result, f, indent=2)
+            f.write("\n")
+
+
 def _median_seconds(run: Callable[[], Any], reps: int, sync: Callable) -> float:
     """The median of ``reps`` timed calls after two untimed ones."""
     for _ in range(2):
@@ -435,10 +443,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     result["seconds"] = time.perf_counter() - started
     print(summary(result))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-            f.write("\n")
+    write_results(result, args.json)
     return result
 
 

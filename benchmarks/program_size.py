@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import re
 import sys
 from collections.abc import Callable
@@ -201,10 +200,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "ratios": ratios(counts),
     }
     print(render(counts))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-            f.write("\n")
+    device.write_results(result, args.json)
     return result
 
 
