@@ -110,6 +110,7 @@ def apply(
     """
     return run(
         config,
+        config.geometry(x),
         params,
         batch_stats,
         x,
@@ -124,6 +125,7 @@ def apply(
 
 def run(
     config: BatchNormConfig,
+    geo: Geometry,
     params: Params,
     batch_stats: BatchStats,
     x: jax.Array,
@@ -136,14 +138,14 @@ def run(
     dtype: Any,
     count_dtype: Any = jnp.int32,
 ) -> tuple[jax.Array, BatchStats]:
-    """:func:`apply` with the output ``dtype`` given by the caller.
+    """:func:`apply` with x's geometry and the output ``dtype`` given by the caller.
 
-    ``dtype=None`` is the configuration's, else x's. The adapters' entry point:
-    they also give the dtype of their own ``count`` (float32 for the Flax
-    adapters), which the update then keeps, with no conversion to int32 and
-    back in every call.
+    ``geo`` is ``config.geometry(x)`` (which checks x), computed once per call
+    by the caller. ``dtype=None`` is the configuration's, else x's. The
+    adapters' entry point: they also give the dtype of their own ``count``
+    (float32 for the Flax adapters), which the update then keeps, with no
+    conversion to int32 and back in every call.
     """
-    geo = config.geometry(x)
     train = inputs.check_train(train)
     inputs.check_mapping(
         "params",
@@ -284,7 +286,7 @@ def _training(
         y, m = training_step(x, mask, *affine, running, options)
         moments = Moments(m.count, m.shift + m.offset, m.var)
         finite = jnp.isfinite(m.margin)
-    if config.frozen:  # bitwise unchanged, count included
+    if config.freezes_running_stats:  # bitwise unchanged, count included
         return y, stats
     flat = Moments(*(a.reshape(geo.feature_shape) for a in moments))
     counted = always_counted(x, mask, geo.reduction_axes)

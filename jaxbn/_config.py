@@ -2,25 +2,38 @@
 
 ``jaxbn.batch_norm(...)`` builds a :class:`BatchNormConfig` and binds the
 module-level ``init``/``apply`` of ``_apply`` to it; the adapters build theirs
-once, when constructed. An option added to jaxbn is a field here (checked in
-``_hyperparams``), read where it acts, and reaches every adapter through this
-object.
+once, when constructed. Each option is declared once, as a field here: its
+name, its type (a ``Literal`` for a string choice) and its default, which the
+factory's and the adapters' signatures read (``BatchNormConfig.running_var``
+is ``"biased"``); its check is in ``_hyperparams`` and its documentation in
+:func:`jaxbn.batch_norm`. A training-time variant is marked ``_VARIANT``
+and then reaches every adapter under its own name (:data:`VARIANTS`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Hashable, Sequence
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple, get_args
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike, DTypeLike
 
 from . import _hyperparams as hp
 from ._inputs import Axes, Spec, check_x, normalize_axes
 from ._sums import mean_dtype, real_dtype
 
 Initializer = Callable[..., jax.Array]
+AxisName = Hashable | tuple[Hashable, ...] | None
+RunningVar = Literal["biased", "unbiased"]
+EvalMode = Literal["running", "batch"]
+Debias = Literal["mean", "mean_and_var"]
+# renorm's rmax and dmax: a number, or a function of the int32 count.
+Clip = float | Callable[[jax.Array], ArrayLike]
+# Marks the training-time variants: the options every adapter takes under the
+# core's own name (the others are renamed, e.g. ``center`` is ``use_bias``).
+_VARIANT = {"variant": True}
 
 
 def _ones(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:
@@ -79,21 +92,21 @@ class BatchNormConfig:
     scale: bool = True
     warmup: bool | None = None
     allow_one_value: bool = False
-    axis_name: Hashable | tuple[Hashable, ...] | None = None
+    axis_name: AxisName = None
     axis_index_groups: tuple[tuple[int, ...], ...] | None = None
-    dtype: Any = None
-    param_dtype: Any = jnp.float32
+    dtype: DTypeLike | None = None
+    param_dtype: DTypeLike = jnp.float32
     scale_init: Initializer = _ones
     bias_init: Initializer = _zeros
-    running_var: str = "biased"
-    renorm: bool = False
-    rmax: float | Callable[[Any], Any] | None = None
-    dmax: float | Callable[[Any], Any] | None = None
-    renorm_momentum: float | None = None
-    virtual_batch_size: int | None = None
-    eval_mode: str = "running"
-    zero_masked: bool = False
-    debias: str | None = None
+    running_var: RunningVar = dataclasses.field(default="biased", metadata=_VARIANT)
+    renorm: bool = dataclasses.field(default=False, metadata=_VARIANT)
+    rmax: Clip | None = dataclasses.field(default=None, metadata=_VARIANT)
+    dmax: Clip | None = dataclasses.field(default=None, metadata=_VARIANT)
+    renorm_momentum: float | None = dataclasses.field(default=None, metadata=_VARIANT)
+    virtual_batch_size: int | None = dataclasses.field(default=None, metadata=_VARIANT)
+    eval_mode: EvalMode = dataclasses.field(default="running", metadata=_VARIANT)
+    zero_masked: bool = dataclasses.field(default=False, metadata=_VARIANT)
+    debias: Debias | None = dataclasses.field(default=None, metadata=_VARIANT)
     renorm_options: hp.RenormOptions | None = dataclasses.field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -103,23 +116,22 @@ class BatchNormConfig:
         )
         why_var = "'unbiased' stores n/(n-1) times the batch variance, as PyTorch does."
         why_eval = "'batch' normalizes with the batch's statistics in evaluation too."
+        warmup = hp.check_warmup(self.warmup, momentum)
         resolved = {
             "axis": hp.check_axis_spec(self.axis),
             "momentum": momentum,
-            "warmup": hp.check_warmup(self.warmup, momentum),
+            "warmup": warmup,
             "running_var": hp.check_choice(
-                "running_var", self.running_var, ("biased", "unbiased"), why_var
+                "running_var", self.running_var, get_args(RunningVar), why_var
             ),
             "renorm": renorm is not None,
             "renorm_options": renorm,
             "virtual_batch_size": hp.check_virtual_batch_size(self.virtual_batch_size),
             "eval_mode": hp.check_choice(
-                "eval_mode", self.eval_mode, ("running", "batch"), why_eval
+                "eval_mode", self.eval_mode, get_args(EvalMode), why_eval
             ),
             "zero_masked": bool(self.zero_masked),
-            "debias": hp.check_debias(
-                self.debias, momentum, hp.check_warmup(self.warmup, momentum)
-            ),
+            "debias": hp.check_debias(self.debias, get_args(Debias), momentum, warmup),
             "epsilon": hp.check_epsilon(self.epsilon),
             "dtype": hp.check_float_dtype("dtype", self.dtype, allow_none=True),
             "param_dtype": hp.check_float_dtype(
@@ -149,8 +161,8 @@ class BatchNormConfig:
         return self.eval_mode == "batch"
 
     @property
-    def frozen(self) -> bool:
-        """Whether training leaves the running statistics as they are."""
+    def freezes_running_stats(self) -> bool:
+        """Whether training leaves the running statistics as they are (momentum 1)."""
         return self.momentum == 1.0
 
     @property
@@ -206,3 +218,10 @@ class BatchNormConfig:
     def stats_dtypes(self, x_dtype: Any) -> tuple[Any, Any]:
         """The dtypes ``init`` gives the mean and the variance for ``x_dtype``."""
         return mean_dtype(x_dtype), real_dtype(x_dtype)
+
+
+# The training-time variants (fields marked ``_VARIANT``): every adapter takes
+# them under these names and passes them on as they are.
+VARIANTS: tuple[str, ...] = tuple(
+    f.name for f in dataclasses.fields(BatchNormConfig) if f.metadata.get("variant")
+)

@@ -130,7 +130,7 @@ def check_float_dtype(name: str, dtype: Any, allow_none: bool) -> Any:
     return canonical
 
 
-def check_choice(name: str, value: Any, choices: tuple[str, ...], why: str) -> str:
+def check_choice(name: str, value: Any, choices: tuple[str, ...], why: str) -> Any:
     """Checks that ``value`` is one of the strings ``choices``."""
     if not isinstance(value, str) or value not in choices:
         listed = ", ".join(repr(c) for c in choices)
@@ -213,7 +213,9 @@ def check_renorm(
     return RenormOptions(rmax, dmax, float(momentum))
 
 
-def check_debias(debias: Any, momentum: float | None, warmup: bool) -> str | None:
+def check_debias(
+    debias: Any, choices: tuple[str, ...], momentum: float | None, warmup: bool
+) -> Any:
     """Checks ``debias``: None, ``"mean"`` or ``"mean_and_var"``.
 
     Debiasing undoes ``momentum**count`` of the initial value in a plain
@@ -226,7 +228,7 @@ def check_debias(debias: Any, momentum: float | None, warmup: bool) -> str | Non
         "(TensorFlow's zero_debias_moving_mean); 'mean_and_var' debiases the "
         "variance too (like Equinox's mode='batch')."
     )
-    check_choice("debias", debias, ("mean", "mean_and_var"), why)
+    check_choice("debias", debias, choices, why)
     if momentum is None or momentum == 1.0 or warmup:
         raise ValueError(
             f"debias={debias!r} with momentum={momentum!r} and warmup={warmup}: "

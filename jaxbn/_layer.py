@@ -7,42 +7,48 @@ docstring holds the maths, once.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Sequence
 from functools import partial
-from typing import Any
 
-import jax
-import jax.numpy as jnp
+from jax.typing import DTypeLike
 
 from ._apply import apply, init
-from ._config import BatchNormConfig, Initializer, _ones, _zeros
+from ._config import (
+    AxisName,
+    BatchNormConfig,
+    Clip,
+    Debias,
+    EvalMode,
+    Initializer,
+    RunningVar,
+)
 from ._types import Layer
 
 
 def batch_norm(
-    axis: int | Sequence[int] = -1,
+    axis: int | Sequence[int] = BatchNormConfig.axis,
     *,
-    momentum: float | None = 0.99,
-    epsilon: float = 1e-5,
-    center: bool = True,
-    scale: bool = True,
-    warmup: bool | None = None,
-    allow_one_value: bool = False,
-    axis_name: Hashable | tuple[Hashable, ...] | None = None,
+    momentum: float | None = BatchNormConfig.momentum,
+    epsilon: float = BatchNormConfig.epsilon,
+    center: bool = BatchNormConfig.center,
+    scale: bool = BatchNormConfig.scale,
+    warmup: bool | None = BatchNormConfig.warmup,
+    allow_one_value: bool = BatchNormConfig.allow_one_value,
+    axis_name: AxisName = BatchNormConfig.axis_name,
     axis_index_groups: Sequence[Sequence[int]] | None = None,
-    dtype: Any = None,
-    param_dtype: Any = jnp.float32,
-    scale_init: Initializer = _ones,
-    bias_init: Initializer = _zeros,
-    running_var: str = "biased",
-    renorm: bool = False,
-    rmax: float | Callable[[jax.Array], Any] | None = None,
-    dmax: float | Callable[[jax.Array], Any] | None = None,
-    renorm_momentum: float | None = None,
-    virtual_batch_size: int | None = None,
-    eval_mode: str = "running",
-    zero_masked: bool = False,
-    debias: str | None = None,
+    dtype: DTypeLike | None = BatchNormConfig.dtype,
+    param_dtype: DTypeLike = BatchNormConfig.param_dtype,
+    scale_init: Initializer = BatchNormConfig.scale_init,
+    bias_init: Initializer = BatchNormConfig.bias_init,
+    running_var: RunningVar = BatchNormConfig.running_var,
+    renorm: bool = BatchNormConfig.renorm,
+    rmax: Clip | None = BatchNormConfig.rmax,
+    dmax: Clip | None = BatchNormConfig.dmax,
+    renorm_momentum: float | None = BatchNormConfig.renorm_momentum,
+    virtual_batch_size: int | None = BatchNormConfig.virtual_batch_size,
+    eval_mode: EvalMode = BatchNormConfig.eval_mode,
+    zero_masked: bool = BatchNormConfig.zero_masked,
+    debias: Debias | None = BatchNormConfig.debias,
 ) -> Layer:
     r"""Batch normalization (Ioffe & Szegedy, 2015) as pure ``init``/``apply``.
 

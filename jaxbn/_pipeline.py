@@ -2,12 +2,13 @@
 
 An adapter owns its framework's variables; everything else is here. Each call
 goes: the mode as the core's ``train`` (:func:`train_flag`), x promoted like
-Flax does (:func:`as_inexact`, Flax adapters only), then :func:`normalize`:
-the feature shape, the core's ``params`` and ``batch_stats`` from the
-adapter's values (:class:`AdapterStats`), the core's :func:`_layer.run` with
-the adapter's output dtype, the cast, and the new statistics in the adapter's
-dtypes for it to write back. The configuration is built once per adapter
-(:func:`adapter_config`), with every option of :func:`jaxbn.batch_norm`.
+Flax does (:func:`as_inexact`, Flax adapters only), x's geometry
+(``config.geometry(x)``, once), then :func:`call_core`: the core's ``params``
+and ``batch_stats`` from the adapter's values (:class:`AdapterStats`), the
+core's :func:`_apply.run` with the adapter's output dtype, the cast, and the
+new statistics in the adapter's dtypes for it to write back. The configuration
+is built once per adapter (:func:`adapter_config`), with every option of
+:func:`jaxbn.batch_norm`.
 
 Where Flax and the core differ, the adapters behave like Flax: training with
 one value per feature (a batch of one, or x without a batch axis) normalizes
@@ -19,57 +20,49 @@ only when the configuration needs it (``BatchNormConfig.keeps_count``).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import DTypeLike
 
 from ._apply import run
-from ._config import BatchNormConfig
+from ._config import VARIANTS, AxisName, BatchNormConfig, Geometry
 from ._converged import CONVERGED_COUNT
 from ._inputs import check_train, check_x
 from ._types import Params
 
-# The core's options that every adapter takes under the core's own name, with
-# the core's defaults: the training-time variants. An option added to the core
-# is added here and reaches linen, nnx and equinox.
-VARIANTS: dict[str, Any] = {
-    "running_var": "biased",
-    "renorm": False,
-    "rmax": None,
-    "dmax": None,
-    "renorm_momentum": None,
-    "virtual_batch_size": None,
-    "eval_mode": "running",
-    "zero_masked": False,
-    "debias": None,
-}
-
 
 def adapter_config(
     *,
-    axis: Any,
-    momentum: Any,
-    epsilon: Any,
-    center: Any,
-    scale: Any,
-    warmup: Any,
-    axis_name: Any,
-    axis_index_groups: Any = None,
-    param_dtype: Any = jnp.float32,
+    axis: int | Sequence[int],
+    momentum: float | None,
+    epsilon: float,
+    center: bool,
+    scale: bool,
+    warmup: bool | None,
+    axis_name: AxisName,
+    variants: Mapping[str, Any],
+    axis_index_groups: Sequence[Sequence[int]] | None = None,
+    param_dtype: DTypeLike = BatchNormConfig.param_dtype,
     allow_one_value: bool = True,
-    variants: Any = None,
 ) -> BatchNormConfig:
     """The configuration of an adapter: its options under the core's names.
 
-    ``variants`` is an object whose attributes named in :data:`VARIANTS` are
-    read (the adapter itself); missing ones take the core's defaults. The
-    output dtype is left to the adapter's rule (:func:`normalize`).
+    ``variants`` maps each name of :data:`jaxbn._config.VARIANTS` to the
+    adapter's value (all of them: a missing or unknown name is a bug of the
+    adapter, and raises). The output dtype is left to the adapter's rule
+    (:func:`call_core`).
     """
-    given = {k: getattr(variants, k, default) for k, default in VARIANTS.items()}
+    if set(variants) != set(VARIANTS):
+        raise TypeError(
+            f"the adapter passed the variants {sorted(variants)}, not "
+            f"{sorted(VARIANTS)}"
+        )
     return BatchNormConfig(
-        axis=axis,
+        axis=axis,  # pyright: ignore[reportArgumentType]
         momentum=momentum,
         epsilon=epsilon,
         center=center,
@@ -77,9 +70,9 @@ def adapter_config(
         warmup=warmup,
         allow_one_value=allow_one_value,
         axis_name=axis_name,
-        axis_index_groups=axis_index_groups,
+        axis_index_groups=axis_index_groups,  # pyright: ignore[reportArgumentType]
         param_dtype=param_dtype,
-        **given,
+        **variants,
     )
 
 
@@ -180,8 +173,9 @@ def core_stats(
     return core
 
 
-def normalize(
+def call_core(
     config: BatchNormConfig,
+    geo: Geometry,
     x: jax.Array,
     train: bool | jax.Array,
     params: Params,
@@ -193,6 +187,7 @@ def normalize(
 
     Args:
       config: the adapter's configuration.
+      geo: ``config.geometry(x)``, which the adapter computed (once per call).
       x: the input (already checked or promoted by the adapter).
       train: the core's ``train``.
       params: ``{"scale", "bias"}`` as the adapter holds them (any shape with
@@ -205,12 +200,13 @@ def normalize(
       ``y`` in ``dtype``, and the statistics to write back in the dtypes of
       ``stats`` (a count array keeps its dtype; a Python int stays as it is).
     """
-    features = config.geometry(x).feature_shape
+    features = geo.feature_shape
     core_params = {k: p.reshape(features) for k, p in params.items()}
     core_dtype = None if jnp.issubdtype(dtype, jnp.complexfloating) else dtype
     core = core_stats(stats, features, x.dtype)
     y, new = run(
         config,
+        geo,
         core_params,
         core,
         x,

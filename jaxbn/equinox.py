@@ -10,7 +10,7 @@ this module only owns the Equinox state. Requires ``equinox``.
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -23,9 +23,11 @@ except ImportError as e:  # pragma: no cover - depends on the environment
         "jaxbn.equinox needs equinox: pip install equinox (or jaxbn[interop])."
     ) from e
 
+from jax.typing import DTypeLike
+
 from . import _pipeline as pipeline
 from ._apply import initial_stats
-from ._config import BatchNormConfig
+from ._config import BatchNormConfig, Clip, Debias, EvalMode, Geometry, RunningVar
 from ._hyperparams import check_float_dtype
 from ._inputs import check_x
 from ._normalize import normalize
@@ -128,17 +130,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
     eps: float = eqx.field(static=True)
     channelwise_affine: bool = eqx.field(static=True)
     momentum: float | None = eqx.field(static=True)
-    warmup: bool = eqx.field(static=True)
-    mode: str | None = eqx.field(static=True)
-    running_var: str = eqx.field(static=True)
-    renorm: bool = eqx.field(static=True)
-    rmax: Any = eqx.field(static=True)
-    dmax: Any = eqx.field(static=True)
-    renorm_momentum: float | None = eqx.field(static=True)
-    virtual_batch_size: int | None = eqx.field(static=True)
-    eval_mode: str = eqx.field(static=True)
-    zero_masked: bool = eqx.field(static=True)
-    debias: str | None = eqx.field(static=True)
+    mode: Literal["batch", "ema"] | None = eqx.field(static=True)
     config: BatchNormConfig = eqx.field(static=True)
 
     def __init__(
@@ -149,40 +141,45 @@ class BatchNorm(eqx.nn.StatefulLayer):
         channelwise_affine: bool = True,
         momentum: float | None = 0.99,
         inference: bool = False,
-        dtype: Any = None,
-        mode: str | None = None,
+        dtype: DTypeLike | None = None,
+        mode: Literal["batch", "ema", "legacy"] | None = None,
         *,
-        warmup: bool | None = None,
-        running_var: str = "biased",
-        renorm: bool = False,
-        rmax: Any = None,
-        dmax: Any = None,
-        renorm_momentum: float | None = None,
-        virtual_batch_size: int | None = None,
-        eval_mode: str = "running",
-        zero_masked: bool = False,
-        debias: str | None = None,
+        warmup: bool | None = BatchNormConfig.warmup,
+        running_var: RunningVar = BatchNormConfig.running_var,
+        renorm: bool = BatchNormConfig.renorm,
+        rmax: Clip | None = BatchNormConfig.rmax,
+        dmax: Clip | None = BatchNormConfig.dmax,
+        renorm_momentum: float | None = BatchNormConfig.renorm_momentum,
+        virtual_batch_size: int | None = BatchNormConfig.virtual_batch_size,
+        eval_mode: EvalMode = BatchNormConfig.eval_mode,
+        zero_masked: bool = BatchNormConfig.zero_masked,
+        debias: Debias | None = BatchNormConfig.debias,
     ):
         _check_equinox_options(input_size, mode)
-        mode, warmup, debias = _resolve_mode(mode, warmup, debias, locals())
-        dtype = check_float_dtype("dtype", dtype, allow_none=True)
-        dtype = jnp.float32 if dtype is None else dtype
+        variants = {
+            "running_var": running_var,
+            "renorm": renorm,
+            "rmax": rmax,
+            "dmax": dmax,
+            "renorm_momentum": renorm_momentum,
+            "virtual_batch_size": virtual_batch_size,
+            "eval_mode": eval_mode,
+            "zero_masked": zero_masked,
+            "debias": debias,
+        }
+        self.mode = "ema" if mode == "legacy" else mode  # as Equinox reads it
+        if self.mode == "batch":  # Equinox's maths: a debiased plain average
+            warmup = _equinox_batch_mode(warmup, variants)
+        if self.mode == "ema":  # Equinox's maths: training mixes in the average
+            warmup = _equinox_ema_mode(warmup, momentum, variants)
+        checked = check_float_dtype("dtype", dtype, allow_none=True)
+        param_dtype = jnp.dtype(jnp.float32) if checked is None else checked
         self.input_size = input_size
         self.eps = eps
         self.momentum = momentum
         self.axis_name = tuple(axis_name) if isinstance(axis_name, list) else axis_name
         self.channelwise_affine = bool(channelwise_affine)
-        self.mode = mode
         self.inference = inference
-        self.running_var = running_var
-        self.renorm = renorm
-        self.rmax = rmax
-        self.dmax = dmax
-        self.renorm_momentum = renorm_momentum
-        self.virtual_batch_size = virtual_batch_size
-        self.eval_mode = eval_mode
-        self.zero_masked = zero_masked
-        self.debias = debias
         self.config = pipeline.adapter_config(  # checks the hyperparameters now
             axis=0 if self.axis_name is not None else 1,
             momentum=momentum,
@@ -191,13 +188,12 @@ class BatchNorm(eqx.nn.StatefulLayer):
             scale=self.channelwise_affine,
             warmup=warmup,
             axis_name=self.axis_name,
-            param_dtype=dtype,
-            variants=self,
+            param_dtype=param_dtype,
+            variants=variants,
         )
-        self.warmup = bool(self.config.warmup)
         affine = self.channelwise_affine
-        self.weight = jnp.ones((input_size,), dtype) if affine else None
-        self.bias = jnp.zeros((input_size,), dtype) if affine else None
+        self.weight = jnp.ones((input_size,), param_dtype) if affine else None
+        self.bias = jnp.zeros((input_size,), param_dtype) if affine else None
         stats = initial_stats(self.config, (input_size,), jnp.float32)
         self.state_index = eqx.nn.StateIndex(stats)  # mean, var f32; count int32
 
@@ -242,6 +238,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
         evaluating = self.inference if inference is None else inference
         train = pipeline.train_flag(evaluating)
         _check_layout(self, x)
+        geo = self.config.geometry(x)  # once per call
         params = {}
         if self.weight is not None and self.bias is not None:
             params = {"scale": self.weight, "bias": self.bias}
@@ -256,10 +253,10 @@ class BatchNorm(eqx.nn.StatefulLayer):
         dtype = pipeline.promoted_dtype(x.dtype, self.config.param_dtype)
         call = pipeline.CallArgs(mask, weights, scale, offset)
         if self.mode == "ema":
-            y, updated = _ema(self, x, train, params, stats, call, dtype)
+            y, updated = _ema(self.config, geo, x, train, params, stats, call, dtype)
         else:
-            y, new = pipeline.normalize(
-                self.config, x, train, params, current, call, dtype
+            y, new = pipeline.call_core(
+                self.config, geo, x, train, params, current, call, dtype
             )
             updated = {k: v for k, v in new._asdict().items() if v is not None}
         if train is not False:
@@ -280,18 +277,12 @@ def _check_equinox_options(input_size: Any, mode: Any) -> None:
         )
 
 
-def _resolve_mode(mode: Any, warmup: Any, debias: Any, given: dict) -> tuple:
-    """``(mode, warmup, debias)`` for Equinox's modes ("legacy" is "ema")."""
-    mode = "ema" if mode == "legacy" else mode  # as Equinox reads it
-    if mode == "batch":  # Equinox's maths: a debiased plain average
-        warmup, debias = _equinox_batch_mode(warmup, debias)
-    if mode == "ema":  # Equinox's maths: training mixes in the average
-        warmup = _equinox_ema_mode(warmup, given["momentum"], given)
-    return mode, warmup, debias
+def _equinox_batch_mode(warmup: bool | None, variants: dict[str, Any]) -> bool:
+    """``mode="batch"``: no warm-up, mean and variance debiased, as Equinox.
 
-
-def _equinox_batch_mode(warmup: Any, debias: Any) -> tuple[bool, str]:
-    """``mode="batch"``: no warm-up, mean and variance debiased, as Equinox."""
+    Sets ``variants["debias"]``; returns ``warmup`` (False).
+    """
+    debias = variants["debias"]
     if warmup or debias not in (None, "mean_and_var"):
         raise ValueError(
             f"mode='batch' is Equinox's zero-debiased moving average (warmup="
@@ -299,37 +290,28 @@ def _equinox_batch_mode(warmup: Any, debias: Any) -> tuple[bool, str]:
             f"{debias!r} were given; leave mode unset for jaxbn's warm-up, or "
             "drop these options."
         )
-    return False, "mean_and_var"
+    variants["debias"] = "mean_and_var"
+    return False
 
 
-_EMA_EXCLUDES = (
-    "running_var",
-    "renorm",
-    "rmax",
-    "dmax",
-    "renorm_momentum",
-    "virtual_batch_size",
-    "eval_mode",
-    "zero_masked",
-    "debias",
-)
-
-
-def _equinox_ema_mode(warmup: Any, momentum: Any, given: dict) -> bool:
+def _equinox_ema_mode(
+    warmup: bool | None, momentum: float | None, variants: dict[str, Any]
+) -> bool:
     """``mode="ema"``: a plain average, and none of the core's variants."""
-    variants = [k for k in _EMA_EXCLUDES if given[k] != pipeline.VARIANTS[k]]
-    if warmup or variants or momentum is None or momentum == 1.0:
+    given = [k for k, v in variants.items() if v != getattr(BatchNormConfig, k)]
+    if warmup or given or momentum is None or momentum == 1.0:
         raise ValueError(
             f"mode='ema' is Equinox's legacy batch norm, matched exactly: a "
             f"plain moving average with momentum in [0, 1), without the core's "
             f"variants; got warmup={warmup!r}, momentum={momentum!r} and "
-            f"{variants or 'no variants'}. Leave mode unset to use them."
+            f"{given or 'no variants'}. Leave mode unset to use them."
         )
     return False
 
 
 def _ema(
-    module: BatchNorm,
+    config: BatchNormConfig,
+    geo: Geometry,
     x: jax.Array,
     train: bool | jax.Array,
     params: dict,
@@ -349,8 +331,6 @@ def _ema(
             "mode='ema' takes no mask, weights, scale or offset at call time; "
             "leave mode unset to use them."
         )
-    config = module.config
-    geo = config.geometry(x)
     gamma, beta = (params.get(k) for k in ("scale", "bias"))
     gamma = None if gamma is None else gamma.reshape(geo.kept)
     beta = None if beta is None else beta.reshape(geo.kept)

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax.linen import initializers
 
 from . import _pipeline as pipeline
-from ._config import BatchNormConfig
+from ._config import VARIANTS, BatchNormConfig, Clip, Debias, EvalMode, RunningVar
 from ._converged import CONVERGED_COUNT as CONVERGED_COUNT
 from ._converged import COUNT_DTYPE, check_count, converged
 
@@ -132,16 +132,16 @@ class BatchNorm(nn.Module):
     axis_index_groups: Any = None
     use_fast_variance: bool = True
     force_float32_reductions: bool = True
-    warmup: bool | None = None
-    running_var: str = "biased"
-    renorm: bool = False
-    rmax: Any = None
-    dmax: Any = None
-    renorm_momentum: float | None = None
-    virtual_batch_size: int | None = None
-    eval_mode: str = "running"
-    zero_masked: bool = False
-    debias: str | None = None
+    warmup: bool | None = BatchNormConfig.warmup
+    running_var: RunningVar = BatchNormConfig.running_var
+    renorm: bool = BatchNormConfig.renorm
+    rmax: Clip | None = BatchNormConfig.rmax
+    dmax: Clip | None = BatchNormConfig.dmax
+    renorm_momentum: float | None = BatchNormConfig.renorm_momentum
+    virtual_batch_size: int | None = BatchNormConfig.virtual_batch_size
+    eval_mode: EvalMode = BatchNormConfig.eval_mode
+    zero_masked: bool = BatchNormConfig.zero_masked
+    debias: Debias | None = BatchNormConfig.debias
 
     @nn.compact
     def __call__(
@@ -191,7 +191,8 @@ class BatchNorm(nn.Module):
         # Like Flax, init normalizes with the batch's statistics when training
         # (alone, without axis_name) and records nothing.
         config = self.local_config if initializing else self.config
-        features = config.geometry(x).feature_shape
+        geo = config.geometry(x)  # checks x; once per call
+        features = geo.feature_shape
         params = _params(self, features)
         variables = _stats_variables(self, features)
         values: dict[str, Any] = {
@@ -202,7 +203,9 @@ class BatchNorm(nn.Module):
             out_dtype = pipeline.promoted_dtype(x, *params.values())
         call = pipeline.CallArgs(mask, weights, scale, offset)
         stats = pipeline.AdapterStats(**values)
-        y, new = pipeline.normalize(config, x, train, params, stats, call, out_dtype)
+        y, new = pipeline.call_core(
+            config, geo, x, train, params, stats, call, out_dtype
+        )
         if train is not False and not initializing:
             for name, variable in variables.items():
                 if not isinstance(variable, int):
@@ -222,7 +225,7 @@ class BatchNorm(nn.Module):
             axis_name=self.axis_name,
             axis_index_groups=self.axis_index_groups,
             param_dtype=self.param_dtype,
-            variants=self,
+            variants={name: getattr(self, name) for name in VARIANTS},
         )
 
     @cached_property
@@ -262,7 +265,7 @@ def _stats_variables(module: BatchNorm, features: tuple[int, ...]) -> dict[str, 
         "var": module.variable("batch_stats", "var", jnp.ones, features, f32),
         "count": _count_variable(module, from_flax),
     }
-    if module.renorm:  # batch renormalization's moving averages
+    if module.config.renorm:  # batch renormalization's moving averages
         for name, start in (("renorm_mean", jnp.zeros), ("renorm_std", jnp.ones)):
             found[name] = module.variable("batch_stats", name, start, features, f32)
     return found

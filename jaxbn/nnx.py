@@ -21,7 +21,7 @@ from flax import nnx
 from flax.nnx.nn import dtypes, initializers
 
 from . import _pipeline as pipeline
-from ._config import BatchNormConfig
+from ._config import BatchNormConfig, Clip, Debias, EvalMode, Geometry, RunningVar
 from ._converged import CONVERGED_COUNT as CONVERGED_COUNT
 from ._converged import COUNT_DTYPE, check_count
 
@@ -149,16 +149,16 @@ class BatchNorm(nnx.Module):
         rngs: nnx.Rngs,
         bias_metadata: Mapping[str, Any] = MappingProxyType({}),
         scale_metadata: Mapping[str, Any] = MappingProxyType({}),
-        warmup: bool | None = None,
-        running_var: str = "biased",
-        renorm: bool = False,
-        rmax: Any = None,
-        dmax: Any = None,
-        renorm_momentum: float | None = None,
-        virtual_batch_size: int | None = None,
-        eval_mode: str = "running",
-        zero_masked: bool = False,
-        debias: str | None = None,
+        warmup: bool | None = BatchNormConfig.warmup,
+        running_var: RunningVar = BatchNormConfig.running_var,
+        renorm: bool = BatchNormConfig.renorm,
+        rmax: Clip | None = BatchNormConfig.rmax,
+        dmax: Clip | None = BatchNormConfig.dmax,
+        renorm_momentum: float | None = BatchNormConfig.renorm_momentum,
+        virtual_batch_size: int | None = BatchNormConfig.virtual_batch_size,
+        eval_mode: EvalMode = BatchNormConfig.eval_mode,
+        zero_masked: bool = BatchNormConfig.zero_masked,
+        debias: Debias | None = BatchNormConfig.debias,
     ):
         self.num_features = num_features
         self.use_running_average = use_running_average
@@ -174,16 +174,7 @@ class BatchNorm(nnx.Module):
         self.use_fast_variance = use_fast_variance
         self.promote_dtype = promote_dtype
         self.warmup = warmup
-        self.running_var = running_var
-        self.eval_mode = eval_mode
-        self.renorm = renorm
-        self.rmax = rmax
-        self.dmax = dmax
-        self.renorm_momentum = renorm_momentum
-        self.virtual_batch_size = virtual_batch_size
-        self.zero_masked = zero_masked
-        self.debias = debias
-        # Checks the hyperparameters now, once.
+        # Checks the hyperparameters now, once; the variants live in the config.
         self.config: BatchNormConfig = pipeline.adapter_config(
             axis=axis,
             momentum=momentum,
@@ -194,7 +185,17 @@ class BatchNorm(nnx.Module):
             axis_name=axis_name,
             axis_index_groups=axis_index_groups,
             param_dtype=param_dtype,
-            variants=self,
+            variants={
+                "running_var": running_var,
+                "renorm": renorm,
+                "rmax": rmax,
+                "dmax": dmax,
+                "renorm_momentum": renorm_momentum,
+                "virtual_batch_size": virtual_batch_size,
+                "eval_mode": eval_mode,
+                "zero_masked": zero_masked,
+                "debias": debias,
+            },
         )
         self.keeps_count = self.config.keeps_count
         _make_variables(
@@ -238,15 +239,16 @@ class BatchNorm(nnx.Module):
             raise ValueError(_NO_MODE)
         train = pipeline.train_flag(use_running_average)
         x = pipeline.as_inexact(x)
-        _check_features(self, x)
+        geo = self.config.geometry(x)  # checks x; once per call
+        _check_features(self, geo, x)
         params = {
             k: p[...] for k in ("scale", "bias") if (p := getattr(self, k)) is not None
         }
         stats = _current_stats(self)
         out_dtype = _output_dtype(self, x, stats, params)
         call = pipeline.CallArgs(mask, weights, scale, offset)
-        y, new = pipeline.normalize(
-            self.config, x, train, params, stats, call, out_dtype
+        y, new = pipeline.call_core(
+            self.config, geo, x, train, params, stats, call, out_dtype
         )
         if train is not False:
             _write_back(self, new)
@@ -277,7 +279,7 @@ def _make_variables(
     if module.keeps_count:  # without it the variables are Flax's
         # shape=(), float32: updates so far (float, so grad never sees an int)
         module.count = nnx.BatchStat(jnp.zeros((), COUNT_DTYPE))
-    if module.renorm:  # shape=(features,), f32: renorm's moving averages
+    if module.config.renorm:  # shape=(features,), f32: renorm's moving averages
         module.renorm_mean = nnx.BatchStat(jnp.zeros(features, f32))
         module.renorm_std = nnx.BatchStat(jnp.ones(features, f32))
     module.scale = nnx.data(None)
@@ -290,9 +292,9 @@ def _make_variables(
         module.bias = nnx.Param(made, **bias_metadata)
 
 
-def _check_features(module: BatchNorm, x: jax.Array) -> None:
+def _check_features(module: BatchNorm, geo: Geometry, x: jax.Array) -> None:
     """Checks that x has ``num_features`` features along the module's axis."""
-    features = module.config.geometry(x).feature_shape
+    features = geo.feature_shape
     if math.prod(features) != module.num_features:
         raise ValueError(
             f"x of shape {tuple(x.shape)} has {math.prod(features)} features "
@@ -308,8 +310,8 @@ def _current_stats(module: BatchNorm) -> pipeline.AdapterStats:
         module.mean[...],
         module.var[...],
         module.count[...] if module.keeps_count else 0,
-        module.renorm_mean[...] if module.renorm else None,
-        module.renorm_std[...] if module.renorm else None,
+        module.renorm_mean[...] if module.config.renorm else None,
+        module.renorm_std[...] if module.config.renorm else None,
     )
 
 

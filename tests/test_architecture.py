@@ -18,7 +18,7 @@ import jaxbn
 import jaxbn.equinox
 import jaxbn.linen
 import jaxbn.nnx
-from jaxbn import _pipeline
+from jaxbn import _config
 
 PACKAGE = Path(jaxbn.__file__).resolve().parent
 SOURCES = sorted(PACKAGE.rglob("*.py"))
@@ -134,7 +134,7 @@ def test_every_adapter_takes_every_variant(adapter):
         names = {f.name for f in dataclasses.fields(adapter)}  # pyright: ignore
     else:
         names = set(inspect.signature(adapter).parameters)
-    missing = set(_pipeline.VARIANTS) - names
+    missing = set(_config.VARIANTS) - names
     assert not missing, f"{adapter} lacks {sorted(missing)}"
     # VARIANTS is every core option an adapter does not rename.
     renamed = {
@@ -153,4 +153,69 @@ def test_every_adapter_takes_every_variant(adapter):
         "bias_init",
     }
     core = set(inspect.signature(jaxbn.batch_norm).parameters)
-    assert core - renamed == set(_pipeline.VARIANTS)
+    assert core - renamed == set(_config.VARIANTS)
+
+
+# A value other than the default for each variant, with the options it needs.
+VARIANT_VALUES = {
+    "running_var": ("unbiased", {}),
+    "renorm": (True, {}),
+    "rmax": (2.0, {"renorm": True}),
+    "dmax": (1.0, {"renorm": True}),
+    "renorm_momentum": (0.5, {"renorm": True}),
+    "virtual_batch_size": (4, {}),
+    "eval_mode": ("batch", {}),
+    "zero_masked": (True, {}),
+    "debias": ("mean", {"warmup": False}),
+}
+
+
+def test_variant_values_cover_every_variant():
+    assert set(VARIANT_VALUES) == set(_config.VARIANTS)
+    for name, (value, _) in VARIANT_VALUES.items():
+        assert value != getattr(jaxbn.BatchNormConfig, name), name
+
+
+def _adapter_config(adapter: str, options: dict) -> jaxbn.BatchNormConfig:
+    if adapter == "core":
+        return jaxbn.batch_norm(**options).config
+    if adapter == "linen":
+        return jaxbn.linen.BatchNorm(**options).config
+    if adapter == "nnx":
+        from flax import nnx
+
+        return jaxbn.nnx.BatchNorm(3, rngs=nnx.Rngs(0), **options).config
+    return jaxbn.equinox.BatchNorm(3, **options).config
+
+
+@pytest.mark.parametrize("adapter", ["core", "linen", "nnx", "equinox"])
+@pytest.mark.parametrize("name", sorted(VARIANT_VALUES))
+def test_each_variant_reaches_the_configuration(adapter, name):
+    # Values, not signatures: an adapter that took an option and dropped it
+    # (or passed it under another name) leaves the default here.
+    value, needs = VARIANT_VALUES[name]
+    config = _adapter_config(adapter, {name: value, **needs})
+    assert getattr(config, name) == value
+    base = _adapter_config(adapter, needs)
+    # renorm=True fills in the defaults of its clips and momentum.
+    derived = {"rmax", "dmax", "renorm_momentum"} if name == "renorm" else set()
+    for other in set(_config.VARIANTS) - {name} - derived:
+        assert getattr(config, other) == getattr(base, other), other
+
+
+def test_adapter_config_refuses_a_missing_variant():
+    from jaxbn import _pipeline
+
+    variants = {name: getattr(jaxbn.BatchNormConfig, name) for name in _config.VARIANTS}
+    del variants["debias"]
+    with pytest.raises(TypeError, match="debias"):
+        _pipeline.adapter_config(
+            axis=-1,
+            momentum=0.9,
+            epsilon=1e-5,
+            center=True,
+            scale=True,
+            warmup=None,
+            axis_name=None,
+            variants=variants,
+        )
