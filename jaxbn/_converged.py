@@ -3,8 +3,9 @@
 Flax, PyTorch, Keras, Haiku and Equinox keep no update count. Statistics
 brought from them into jaxbn get ``CONVERGED_COUNT``, far past any warm-up, so
 the decay is ``momentum`` from the first step, as the source framework would
-continue. Shared by the Flax adapters (``from_flax_variables``,
-``mark_converged``) and the converters of ``jaxbn.interop``.
+continue. :func:`mark_converged` is the public way to set it on a whole
+model; the Flax adapters (``from_flax_variables``) and the converters of
+``jaxbn.interop`` use the same count.
 """
 
 from __future__ import annotations
@@ -13,6 +14,14 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax.numpy as jnp
+
+from ._trees import (
+    is_nnx_module,
+    iter_layers,
+    nnx_norm_layers,
+    replace_layers,
+    stats_root,
+)
 
 # Far past any warm-up, so the decay is ``momentum`` as in Flax, and 2**30 more
 # updates fit in the core's int32 before ``count`` could overflow. A power of
@@ -54,3 +63,81 @@ def converged(
         out["var"] = jnp.asarray(out["var"], jnp.float32)
         out["count"] = jnp.asarray(count, COUNT_DTYPE)
     return out
+
+
+def mark_converged(stats: Any, count: int = CONVERGED_COUNT) -> Any:
+    """Marks running statistics trained elsewhere as converged: the one way.
+
+    Flax, PyTorch, Keras, Haiku and Equinox keep no update count. Statistics
+    loaded from them into a jaxbn model that counts (warm-up, on by default)
+    would otherwise be warmed up again, the first batches overwriting them.
+    This sets every batch norm's ``count`` to ``count``, by default
+    ``2**30``: warm-up is over and the decay is ``momentum`` from the first
+    step, as the source framework would continue. Pass ``count=0`` to restart
+    the warm-up instead.
+
+    Args:
+      stats: a tree of dicts as for :func:`describe` (linen variables, whose
+        other collections are kept, or the core's ``batch_stats``), or a
+        ``flax.nnx`` model, changed in place. A layer with a ``count`` keeps
+        its dtype; one without (saved by Flax) gets a float32 ``count``, the
+        Flax adapters' dtype. An nnx layer without a ``count`` (a
+        ``flax.nnx.BatchNorm``, or a jaxbn one that keeps none) is left alone.
+      count: the count, an int in ``[0, 2**31 - 2]``.
+
+    Returns:
+      The new tree, or None for an nnx model.
+
+    Raises:
+      TypeError: if ``stats`` is neither a tree of dicts nor an nnx model, or
+        ``count`` not an int.
+      ValueError: if it holds no statistics, or ``count`` is out of range.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> import flax.linen as nn
+      >>> import jaxbn, jaxbn.linen
+      >>> x = jnp.ones((4, 3))
+      >>> flax_vars = nn.BatchNorm(use_running_average=True).init(
+      ...     jax.random.key(0), x)
+      >>> variables = jaxbn.mark_converged(flax_vars)
+      >>> variables["batch_stats"]["count"]
+      Array(1.0737418e+09, dtype=float32)
+      >>> model = jaxbn.linen.BatchNorm(use_running_average=True)
+      >>> model.apply(variables, x).shape
+      (4, 3)
+    """
+    count = check_count(count)
+    if is_nnx_module(stats):
+        layers = nnx_norm_layers(stats)
+        if not layers:
+            raise ValueError("the nnx model has no batch norm to mark converged.")
+        for _, m in layers:
+            if getattr(m, "count", None) is not None:
+                m.count[...] = jnp.asarray(count, m.count[...].dtype)
+        return None
+    if not isinstance(stats, Mapping):
+        raise TypeError(
+            f"stats must be a tree of dicts (linen variables or the core's "
+            f"batch_stats) or an nnx model, got {type(stats).__name__}."
+        )
+    root = stats_root(stats)
+    found = dict(iter_layers(root))
+    if not found:
+        raise ValueError(
+            "stats hold no batch-norm statistics ('mean' and 'var'); pass the "
+            "model's variable dict or its batch_stats."
+        )
+    marked = {}
+    for path, layer in found.items():
+        new = dict(layer)
+        if "count" in layer:
+            new["count"] = jnp.asarray(count, jnp.asarray(layer["count"]).dtype)
+        else:  # saved by Flax: the Flax adapters' count, statistics in float32
+            new["mean"] = jnp.asarray(layer["mean"], jnp.float32)
+            new["var"] = jnp.asarray(layer["var"], jnp.float32)
+            new["count"] = jnp.asarray(count, COUNT_DTYPE)
+        marked[path] = dict(sorted(new.items()))
+    if root is stats:
+        return replace_layers(stats, marked)
+    return {**stats, "batch_stats": replace_layers(root, marked)}

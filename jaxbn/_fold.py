@@ -328,15 +328,22 @@ def fold(
             f"fold takes a linen variable dict or an nnx model, got "
             f"{type(model).__name__}."
         )
-    epsilons = _epsilons(model, epsilon, module, (x, dict(module_kwargs or {})))
+    epsilons = _epsilons(model, epsilon, module, x, dict(module_kwargs or {}))
     return _fold_tree(model, pairs, epsilons, bool(remove))
 
 
 def _epsilons(
-    variables: Any, epsilon: Any, module: Any, call: tuple[Any, dict]
+    variables: Any,
+    epsilon: float | None,
+    module: Any,
+    x: Any,
+    module_kwargs: dict[str, Any],
 ) -> Callable[[tuple], float]:
-    """Each batch norm's epsilon by path: the one given, or the module's own."""
-    x, kwargs = call
+    """Each batch norm's epsilon by path: the one given, or the module's own.
+
+    The module's own are read by calling ``module`` on ``x`` with
+    ``module_kwargs``.
+    """
     if (epsilon is None) == (module is None or x is None):
         raise ValueError(
             "fold needs the batch norms' epsilon for linen variables: pass "
@@ -348,7 +355,7 @@ def _epsilons(
     if epsilon is not None:
         eps = check_epsilon(epsilon)
         return lambda path: eps
-    norms = linen_norms(module, variables, x, kwargs)
+    norms = linen_norms(module, variables, x, module_kwargs)
 
     def of(path: tuple) -> float:
         name = "/".join(map(str, path))

@@ -60,10 +60,12 @@ def _run(
     carry: Any,
     shapes: dict[str, tuple[int, ...]],
     batches: Iterable[Any],
-    options: tuple[int | None, bool, _Binding],
+    *,
+    num_batches: int | None,
+    progress: bool,
+    binding: _Binding,
 ) -> tuple[Accumulator, Any, int]:
     """Merges the moments of every batch; returns (accumulator, carry, batches)."""
-    num_batches, progress, binding = options
 
     def make_step(fn: Callable) -> Callable:
         @jax.jit
@@ -79,7 +81,7 @@ def _run(
 
         return step
 
-    step: list[Callable] = []  # made on the first batch
+    step: Callable | None = None  # made on the first batch
 
     acc: Accumulator = {}
     for key, shape in shapes.items():
@@ -101,9 +103,9 @@ def _run(
         it = tqdm(it, total=total, desc="recalibrate", unit="batch")
     seen = 0
     for x in it:
-        if not step:
-            step.append(_first_step(make_step, moments_fn, binding, (acc, carry, x)))
-        acc, carry = step[0](acc, carry, x)
+        if step is None:
+            step = _first_step(make_step, moments_fn, binding, (acc, carry, x))
+        acc, carry = step(acc, carry, x)
         seen += 1
     if seen == 0:
         raise ValueError(
@@ -255,7 +257,13 @@ def recalibrate(
     fixed = tuple(n for a in (bind_axes or ()) for n in axis_names(a))
     if is_nnx_module(model):
         return _recalibrate_nnx(
-            model, batches, (num_batches, progress, mesh, fixed), apply_kwargs
+            model,
+            batches,
+            num_batches=num_batches,
+            progress=progress,
+            mesh=mesh,
+            bind_axes=fixed,
+            apply_kwargs=apply_kwargs,
         )
     if variables is None or not isinstance(variables, Mapping):
         raise ValueError(
@@ -275,7 +283,15 @@ def recalibrate(
         binding = _Binding(lambda c, x: fixed, mesh, eager=True)
     else:
         binding = _Binding(names, mesh)
-    acc, _, _ = _run(fn, carry, shapes, batches, (num_batches, progress, binding))
+    acc, _, _ = _run(
+        fn,
+        carry,
+        shapes,
+        batches,
+        num_batches=num_batches,
+        progress=progress,
+        binding=binding,
+    )
     new = {p: _finish(acc, layer, k) for k, (p, layer) in layers.items()}
     if root is variables:
         return replace_layers(variables, new)
@@ -297,8 +313,17 @@ def _tree_model(model: Any, variables: Any, apply_kwargs: dict) -> tuple:
     )
 
 
-def _recalibrate_nnx(model: Any, batches: Any, options: tuple, kwargs: dict) -> None:
-    num_batches, progress, mesh, fixed = options
+def _recalibrate_nnx(
+    model: Any,
+    batches: Iterable[Any],
+    *,
+    num_batches: int | None,
+    progress: bool,
+    mesh: Any,
+    bind_axes: tuple[Hashable, ...],
+    apply_kwargs: dict[str, Any],
+) -> None:
+    """:func:`recalibrate` of an nnx model, in place."""
     from flax import nnx
 
     from . import nnx as jaxbn_nnx
@@ -312,11 +337,19 @@ def _recalibrate_nnx(model: Any, batches: Any, options: tuple, kwargs: dict) -> 
         )
     shapes = {k: tuple(m.mean.shape) for k, m in layers}
     graphdef, state = nnx.split(model)
-    fn = nnx_moments_fn(graphdef, {type(m) for _, m in layers}, kwargs)
+    fn = nnx_moments_fn(graphdef, {type(m) for _, m in layers}, apply_kwargs)
     found = tuple(n for _, m in layers for n in axis_names(m.axis_name))
-    names = fixed or tuple(dict.fromkeys(found))
+    names = bind_axes or tuple(dict.fromkeys(found))
     binding = _Binding(lambda carry, x: names, mesh, eager=True)
-    acc, state, _ = _run(fn, state, shapes, batches, (num_batches, progress, binding))
+    acc, state, _ = _run(
+        fn,
+        state,
+        shapes,
+        batches,
+        num_batches=num_batches,
+        progress=progress,
+        binding=binding,
+    )
     if not any(bool(jnp.any(acc[key][0] > 0)) for key, _ in layers):
         raise ValueError("no batch norm ran in the nnx model's forward pass.")
     for key, m in layers:

@@ -296,6 +296,11 @@ def from_flax_variables(
 ) -> dict[str, Any]:
     """Variables of a model using ``flax.linen.BatchNorm``, ready for jaxbn.
 
+    :func:`jaxbn.mark_converged` is the one way to mark statistics converged;
+    on Flax's variables (which have no ``count``) this gives the same result
+    and is kept for existing code. The one difference: a ``count`` already
+    there is kept here, where ``mark_converged`` sets it.
+
     Only needed when the layers keep a ``count`` (with warm-up, on by default;
     see :attr:`jaxbn.BatchNormConfig.keeps_count`): with ``warmup=False`` the
     variables are Flax's as they are. Adds ``count`` (float32) to every

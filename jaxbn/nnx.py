@@ -6,6 +6,10 @@ and ``nnx.Optimizer``. The running statistics are ``nnx.BatchStat`` variables
 ``mean``, ``var`` and, when the layer keeps one (with warm-up, on by
 default), jaxbn's ``count``. The maths is
 :func:`jaxbn.batch_norm`'s; this module only owns the variables.
+
+``jaxbn.nnx.mark_converged`` is :func:`jaxbn.mark_converged` (the same
+function, kept under this name for existing code): call it after loading
+statistics trained by ``flax.nnx.BatchNorm``.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ from flax.nnx.nn import dtypes, initializers
 from . import _pipeline as pipeline
 from ._config import BatchNormConfig, Clip, Debias, EvalMode, Geometry, RunningVar
 from ._converged import CONVERGED_COUNT as CONVERGED_COUNT
-from ._converged import COUNT_DTYPE, check_count
+from ._converged import COUNT_DTYPE
+from ._converged import mark_converged as mark_converged
 
 __all__ = ["CONVERGED_COUNT", "BatchNorm", "mark_converged"]
 
@@ -362,38 +367,3 @@ def _store(variable: nnx.BatchStat, value: jax.Array) -> None:
         variable.set_value(value)
     else:
         variable[...] = value.astype(variable.dtype)
-
-
-def mark_converged(module: nnx.Module, count: int = CONVERGED_COUNT) -> None:
-    """Marks the statistics of every ``jaxbn.nnx.BatchNorm`` in ``module`` converged.
-
-    Only layers that keep a ``count`` (warm-up, ``momentum=None``, renorm or
-    ``debias``: :attr:`jaxbn.BatchNormConfig.keeps_count`) have one to set;
-    the others are left alone.
-
-    Use it after loading statistics trained with ``flax.nnx.BatchNorm`` (which
-    have no ``count``) into a model built with jaxbn, e.g. with
-    ``nnx.update(model, flax_state)``: it sets every ``count`` to
-    :data:`CONVERGED_COUNT` (``2**30``), so warm-up is over and the decay is
-    ``momentum`` from the first step, as in Flax, and fine-tuning does not
-    overwrite pretrained statistics with the first batch's.
-
-    Args:
-      module: the model, changed in place.
-      count: the count to set, an int in ``[0, 2**31 - 2]``.
-
-    Raises:
-      TypeError, ValueError: if ``count`` is not such an int.
-
-    Examples:
-      >>> from flax import nnx
-      >>> import jaxbn.nnx
-      >>> bn = jaxbn.nnx.BatchNorm(3, rngs=nnx.Rngs(0))
-      >>> jaxbn.nnx.mark_converged(bn)
-      >>> bn.count[...]
-      Array(1.0737418e+09, dtype=float32)
-    """
-    count = check_count(count)
-    for _, child in nnx.iter_modules(module):
-        if isinstance(child, BatchNorm) and child.keeps_count:
-            child.count[...] = jnp.asarray(count, COUNT_DTYPE)

@@ -26,8 +26,8 @@ SOURCES = sorted(PACKAGE.rglob("*.py"))
 # Each module's layer, from the ground up: a module imports only from lower
 # layers (functions' local imports included), so there is no cycle.
 LAYERS = [
-    {"_hyperparams", "_xla_cpu", "_converged", "_trees", "_sums"},
-    {"_inputs", "_passes"},
+    {"_hyperparams", "_xla_cpu", "_trees", "_sums"},
+    {"_inputs", "_passes", "_converged"},
     {"_config", "_normalize", "_statistics"},
     {"_types", "_running", "_training"},
     {"_ghost"},

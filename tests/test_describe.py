@@ -181,3 +181,45 @@ def test_nnx_cumulative_and_frozen_layers_report_their_decay():
     assert rows["cumulative"]["decay"] == pytest.approx(0.75)
     assert rows["cumulative"]["warmed_up"] is True
     assert rows["frozen"]["decay"] == 1.0
+
+
+def test_mark_converged_is_the_one_way_for_trees_and_nnx():
+    assert jaxbn.nnx.mark_converged is jaxbn.mark_converged
+    x = jnp.asarray(np.random.default_rng(0).normal(2.0, 3.0, (16, 3)), jnp.float32)
+    # Flax linen variables: no count; one is added in the Flax adapters' dtype,
+    # and jaxbn then continues with decay momentum, exactly like Flax.
+    flax_model = nn.BatchNorm(use_running_average=False, momentum=0.9)
+    flax_vars = flax_model.init(jax.random.key(0), x)
+    _, updates = flax_model.apply(flax_vars, x + 1.0, mutable=["batch_stats"])
+    flax_vars = {**flax_vars, **updates}
+    marked = jaxbn.mark_converged(flax_vars)
+    assert marked["batch_stats"]["count"].dtype == jnp.float32
+    assert float(marked["batch_stats"]["count"]) == 2**30
+    assert "count" not in flax_vars["batch_stats"]  # the input is not changed
+    ours = jaxbn.linen.BatchNorm(use_running_average=False, momentum=0.9)
+    _, new = ours.apply(marked, x, mutable=["batch_stats"])
+    _, ref = flax_model.apply(flax_vars, x, mutable=["batch_stats"])
+    np.testing.assert_allclose(
+        new["batch_stats"]["mean"], ref["batch_stats"]["mean"], rtol=1e-6
+    )
+    # A core tree with a count: set, in its own dtype; count=0 restarts warm-up.
+    core = {"bn": {"mean": jnp.ones(2), "var": jnp.ones(2), "count": jnp.int32(5)}}
+    assert jaxbn.mark_converged(core)["bn"]["count"].dtype == jnp.int32
+    assert int(jaxbn.mark_converged(core, count=0)["bn"]["count"]) == 0
+    # nnx: in place, every layer that keeps a count.
+    bn = jaxbn.nnx.BatchNorm(3, rngs=nnx.Rngs(0))
+    assert jaxbn.mark_converged(bn) is None
+    assert float(bn.count[...]) == 2**30
+
+
+def test_mark_converged_errors():
+    with pytest.raises(TypeError, match="tree of dicts"):
+        jaxbn.mark_converged([1, 2])
+    with pytest.raises(ValueError, match="no batch-norm statistics"):
+        jaxbn.mark_converged({"params": {}})
+    with pytest.raises(ValueError, match="does not fit an int32"):
+        jaxbn.mark_converged({"bn": {"mean": jnp.ones(2), "var": jnp.ones(2)}}, 2**31)
+    with pytest.raises(TypeError, match="count must be a Python int"):
+        jaxbn.mark_converged({"bn": {"mean": jnp.ones(2), "var": jnp.ones(2)}}, 1.5)
+    with pytest.raises(ValueError, match="no batch norm"):
+        jaxbn.mark_converged(nnx.Linear(2, 2, rngs=nnx.Rngs(0)))
