@@ -11,7 +11,7 @@ own output dtype.
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +26,7 @@ from ._running import all_finite, update_running_stats
 from ._statistics import devices_in_axis
 from ._sums import Moments, real_dtype, sanitized, valid
 from ._training import Running, StepOptions, always_counted, training_step
-from ._types import BatchStats, Params
+from ._types import BatchStats, BatchStatsLike, Params, ParamsLike
 
 
 def init(
@@ -94,8 +94,8 @@ class Affine(NamedTuple):
 
 def apply(
     config: BatchNormConfig,
-    params: Params,
-    batch_stats: BatchStats,
+    params: ParamsLike,
+    batch_stats: BatchStatsLike,
     x: jax.Array,
     *,
     train: bool | jax.Array,
@@ -126,8 +126,8 @@ def apply(
 def run(
     config: BatchNormConfig,
     geo: Geometry,
-    params: Params,
-    batch_stats: BatchStats,
+    params: ParamsLike,
+    batch_stats: BatchStatsLike,
     x: jax.Array,
     *,
     train: bool | jax.Array,
@@ -158,6 +158,7 @@ def run(
     spec = config.stats_spec(geo.feature_shape, x.dtype)
     spec["count"] = ((), (jnp.dtype(count_dtype),))
     inputs.check_mapping("batch_stats", batch_stats, spec, geo.axes, config.axis, True)
+    params, batch_stats = cast(Params, params), cast(BatchStats, batch_stats)
     mask, affine = _call_inputs(config, geo, params, x, mask, weights, scale, offset)
     if dtype is None:
         dtype = x.dtype if config.dtype is None else config.dtype
@@ -235,8 +236,9 @@ def _call_inputs(
         w = inputs.check_weights(weights, shape, real_dtype(x.dtype))
         # A mask is the 0/1 case of weights: the two combine.
         mask = w if mask is None else jnp.where(mask, w, jnp.zeros((), w.dtype))
-    gamma = params["scale"].reshape(geo.kept) if config.scale else None
-    beta = params["bias"].reshape(geo.kept) if config.center else None
+    learned_scale, learned_bias = params.get("scale"), params.get("bias")
+    gamma = None if learned_scale is None else learned_scale.reshape(geo.kept)
+    beta = None if learned_bias is None else learned_bias.reshape(geo.kept)
     if scale is not None:
         gamma = inputs.check_external("scale", scale, shape, config.scale)
     if offset is not None:
@@ -344,6 +346,7 @@ def _renorm_operands(
     if options is None:
         return None
     inputs.check_real_for_renorm(x_dtype)
+    assert "renorm_mean" in stats and "renorm_std" in stats  # checked by the spec
     return RenormOperands(
         stats["renorm_mean"].reshape(kept),
         stats["renorm_std"].reshape(kept),

@@ -32,7 +32,7 @@ from ._apply import run
 from ._config import VARIANTS, AxisName, BatchNormConfig, Geometry
 from ._converged import CONVERGED_COUNT
 from ._inputs import check_train, check_x
-from ._types import Params
+from ._types import BatchStats, Params
 
 
 def adapter_config(
@@ -152,7 +152,7 @@ def _core_count(count: Any) -> jax.Array:
 
 def core_stats(
     stats: AdapterStats, features: tuple[int, ...], x_dtype: Any
-) -> dict[str, jax.Array]:
+) -> BatchStats:
     """The core's ``batch_stats`` from an adapter's values, feature-shaped.
 
     The running mean starts as float32, as in Flax; for complex x the core
@@ -162,7 +162,7 @@ def core_stats(
     mean = stats.mean.reshape(features)
     if jnp.issubdtype(x_dtype, jnp.complexfloating) and not jnp.iscomplexobj(mean):
         mean = mean.astype(jnp.promote_types(mean.dtype, jnp.complex64))
-    core = {
+    core: BatchStats = {
         "mean": mean,
         "var": stats.var.reshape(features),
         "count": _core_count(stats.count),
@@ -201,7 +201,11 @@ def call_core(
       ``stats`` (a count array keeps its dtype; a Python int stays as it is).
     """
     features = geo.feature_shape
-    core_params = {k: p.reshape(features) for k, p in params.items()}
+    core_params: Params = {}
+    if "scale" in params:
+        core_params["scale"] = params["scale"].reshape(features)
+    if "bias" in params:
+        core_params["bias"] = params["bias"].reshape(features)
     core_dtype = None if jnp.issubdtype(dtype, jnp.complexfloating) else dtype
     core = core_stats(stats, features, x.dtype)
     y, new = run(

@@ -19,6 +19,7 @@ from jax import lax
 
 from ._config import BatchNormConfig
 from ._sums import Moments
+from ._types import BatchStats
 
 
 def decay_rule(count: Any, momentum: Any, warmup: bool, minimum: Callable) -> Any:
@@ -67,13 +68,13 @@ def all_finite(*arrays: jax.Array) -> jax.Array:
 
 
 def update_running_stats(
-    batch_stats: dict[str, jax.Array],
+    batch_stats: BatchStats,
     moments: Moments,
     config: BatchNormConfig,
     finite: jax.Array,
     counted: bool = False,
     mean_is_finite: bool = False,
-) -> dict[str, jax.Array]:
+) -> BatchStats:
     """Returns ``batch_stats`` moved towards ``moments`` (no gradient flows).
 
     The decay is :func:`decay` of the layer's ``momentum`` and ``warmup``. With
@@ -143,12 +144,13 @@ def update_running_stats(
         return moved
 
     moved = blend(d)
-    new_stats = {
+    new_stats: BatchStats = {
         "mean": moved(batch_stats["mean"], mean, known_finite=mean_is_finite),
         "var": moved(batch_stats["var"], var),
         "count": batch_stats["count"] + recorded.astype(batch_stats["count"].dtype),
     }
     if config.renorm_options is not None:
+        assert "renorm_mean" in batch_stats and "renorm_std" in batch_stats
         moved_renorm = blend(jnp.float32(config.renorm_options.momentum))
         std = jnp.sqrt(biased + jnp.asarray(config.epsilon, biased.dtype))
         new_stats["renorm_mean"] = moved_renorm(batch_stats["renorm_mean"], mean)

@@ -2,15 +2,44 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Protocol
+from collections.abc import Mapping
+from typing import Any, NamedTuple, NotRequired, Protocol, TypedDict
 
 import jax
 from jax.typing import ArrayLike
 
 from ._config import BatchNormConfig
 
+# A layer's learned parameters: ``{"scale", "bias"}``, each feature-shaped in
+# ``param_dtype`` (a key is absent when the layer learns no such parameter).
 Params = dict[str, jax.Array]
-BatchStats = dict[str, jax.Array]
+
+
+class BatchStats(TypedDict):
+    """A layer's running statistics (a plain dict at run time).
+
+    Attributes:
+      mean: the running mean, feature-shaped (float32; float64 for float64 x;
+        complex for complex x).
+      var: the running (biased, unless ``running_var="unbiased"``) variance.
+      count: the updates so far, an int32 scalar (the Flax adapters keep a
+        float32 one; see :func:`jaxbn.batch_norm`).
+      renorm_mean: renorm's moving mean (with ``renorm=True`` only).
+      renorm_std: renorm's moving standard deviation (with ``renorm=True``).
+    """
+
+    mean: jax.Array
+    var: jax.Array
+    count: jax.Array
+    renorm_mean: NotRequired[jax.Array]
+    renorm_std: NotRequired[jax.Array]
+
+
+# What ``apply`` takes: its own outputs, or any mapping of arrays (a restored
+# checkpoint, ``dict(stats, mean=...)``), whose keys, shapes and dtypes are
+# checked when traced.
+ParamsLike = Mapping[str, Any]
+BatchStatsLike = Mapping[str, Any]
 
 
 class InitFn(Protocol):
@@ -30,8 +59,8 @@ class ApplyFn(Protocol):
 
     def __call__(
         self,
-        params: Params,
-        batch_stats: BatchStats,
+        params: ParamsLike,
+        batch_stats: BatchStatsLike,
         x: jax.Array,
         *,
         train: bool | jax.Array,

@@ -32,6 +32,7 @@ from ._hyperparams import check_float_dtype
 from ._inputs import check_x
 from ._normalize import normalize
 from ._statistics import batch_moments
+from ._types import Params
 
 __all__ = ["BatchNorm"]
 
@@ -239,7 +240,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
         train = pipeline.train_flag(evaluating)
         _check_layout(self, x)
         geo = self.config.geometry(x)  # once per call
-        params = {}
+        params: Params = {}
         if self.weight is not None and self.bias is not None:
             params = {"scale": self.weight, "bias": self.bias}
         stats = dict(state.get(self.state_index))
@@ -314,7 +315,7 @@ def _ema(
     geo: Geometry,
     x: jax.Array,
     train: bool | jax.Array,
-    params: dict,
+    params: Params,
     stats: dict,
     call: pipeline.CallArgs,
     dtype: Any,

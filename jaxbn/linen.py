@@ -23,6 +23,7 @@ from . import _pipeline as pipeline
 from ._config import VARIANTS, BatchNormConfig, Clip, Debias, EvalMode, RunningVar
 from ._converged import CONVERGED_COUNT as CONVERGED_COUNT
 from ._converged import COUNT_DTYPE, check_count, converged
+from ._types import Params
 
 __all__ = ["CONVERGED_COUNT", "BatchNorm", "from_flax_variables"]
 
@@ -234,9 +235,9 @@ class BatchNorm(nn.Module):
         return pipeline.local(self.config)
 
 
-def _params(module: BatchNorm, features: tuple[int, ...]) -> dict[str, jax.Array]:
+def _params(module: BatchNorm, features: tuple[int, ...]) -> Params:
     """The module's ``params`` (scale, bias), created if needed."""
-    params: dict[str, jax.Array] = {}
+    params: Params = {}
     if module.use_scale:
         params["scale"] = module.param(
             "scale", module.scale_init, features, module.param_dtype

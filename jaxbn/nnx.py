@@ -29,6 +29,7 @@ from ._config import BatchNormConfig, Clip, Debias, EvalMode, Geometry, RunningV
 from ._converged import CONVERGED_COUNT as CONVERGED_COUNT
 from ._converged import COUNT_DTYPE
 from ._converged import mark_converged as mark_converged
+from ._types import Params
 
 __all__ = ["CONVERGED_COUNT", "BatchNorm", "mark_converged"]
 
@@ -246,9 +247,11 @@ class BatchNorm(nnx.Module):
         x = pipeline.as_inexact(x)
         geo = self.config.geometry(x)  # checks x; once per call
         _check_features(self, geo, x)
-        params = {
-            k: p[...] for k in ("scale", "bias") if (p := getattr(self, k)) is not None
-        }
+        params: Params = {}
+        if self.scale is not None:
+            params["scale"] = self.scale[...]
+        if self.bias is not None:
+            params["bias"] = self.bias[...]
         stats = _current_stats(self)
         out_dtype = _output_dtype(self, x, stats, params)
         call = pipeline.CallArgs(mask, weights, scale, offset)
@@ -330,7 +333,7 @@ def _write_back(module: BatchNorm, new: pipeline.AdapterStats) -> None:
 
 
 def _output_dtype(
-    module: BatchNorm, x: jax.Array, stats: pipeline.AdapterStats, params: dict
+    module: BatchNorm, x: jax.Array, stats: pipeline.AdapterStats, params: Params
 ) -> Any:
     """Flax's promotion of ``(x, mean, var, scale, bias)``: the output dtype.
 

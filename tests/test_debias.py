@@ -69,7 +69,7 @@ def test_debias_errors_say_what_to_pass():
     with pytest.raises(ValueError, match="needs a momentum"):
         jaxbn.batch_norm(momentum=None, debias="mean")
     with pytest.raises(ValueError, match="debias='both' is not known"):
-        jaxbn.batch_norm(warmup=False, debias="both")
+        jaxbn.batch_norm(warmup=False, debias="both")  # pyright: ignore[reportArgumentType]
 
 
 @pytest.mark.parametrize("momentum", [0.9, 0.99, 0.999])

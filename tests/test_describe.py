@@ -199,9 +199,8 @@ def test_mark_converged_is_the_one_way_for_trees_and_nnx():
     ours = jaxbn.linen.BatchNorm(use_running_average=False, momentum=0.9)
     _, new = ours.apply(marked, x, mutable=["batch_stats"])
     _, ref = flax_model.apply(flax_vars, x, mutable=["batch_stats"])
-    np.testing.assert_allclose(
-        new["batch_stats"]["mean"], ref["batch_stats"]["mean"], rtol=1e-6
-    )
+    new_mean, ref_mean = (np.asarray(v["batch_stats"]["mean"]) for v in (new, ref))  # pyright: ignore[reportIndexIssue]
+    np.testing.assert_allclose(new_mean, ref_mean, rtol=1e-6)
     # A core tree with a count: set, in its own dtype; count=0 restarts warm-up.
     core = {"bn": {"mean": jnp.ones(2), "var": jnp.ones(2), "count": jnp.int32(5)}}
     assert jaxbn.mark_converged(core)["bn"]["count"].dtype == jnp.int32
@@ -220,6 +219,7 @@ def test_mark_converged_errors():
     with pytest.raises(ValueError, match="does not fit an int32"):
         jaxbn.mark_converged({"bn": {"mean": jnp.ones(2), "var": jnp.ones(2)}}, 2**31)
     with pytest.raises(TypeError, match="count must be a Python int"):
-        jaxbn.mark_converged({"bn": {"mean": jnp.ones(2), "var": jnp.ones(2)}}, 1.5)
+        stats = {"bn": {"mean": jnp.ones(2), "var": jnp.ones(2)}}
+        jaxbn.mark_converged(stats, 1.5)  # pyright: ignore[reportArgumentType]
     with pytest.raises(ValueError, match="no batch norm"):
         jaxbn.mark_converged(nnx.Linear(2, 2, rngs=nnx.Rngs(0)))

@@ -184,7 +184,7 @@ def test_errors():
     with pytest.raises(ValueError, match="mode='ema' is Equinox's legacy"):
         jaxbn.equinox.BatchNorm(3, "batch", mode="ema", momentum=None)
     with pytest.raises(ValueError, match="mode='x' is not valid"):
-        jaxbn.equinox.BatchNorm(3, mode="x")
+        jaxbn.equinox.BatchNorm(3, mode="x")  # pyright: ignore[reportArgumentType]
     with pytest.raises(TypeError, match="input_size must be an int"):
         jaxbn.equinox.BatchNorm(3.0)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="at least 1"):

@@ -59,7 +59,9 @@ def test_margin_decides_the_update_as_a_reduction_would(name, unbiased):
         momentum=0.5, running_var="unbiased" if unbiased else "biased"
     )
     _, stats = layer.init(jnp.asarray(x))
-    stats = {**stats, "mean": stats["mean"] + 0.25, "count": jnp.int32(3)}
+    stats = jaxbn.BatchStats(
+        mean=stats["mean"] + 0.25, var=stats["var"], count=jnp.int32(3)
+    )
     m = shifted_moments(
         jnp.asarray(x), (0,), None if mask is None else jnp.asarray(mask)
     )

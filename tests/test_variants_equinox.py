@@ -137,7 +137,7 @@ def test_variant_errors_name_the_option():
     with pytest.raises(ValueError, match="rmax given but renorm=False"):
         make(3, rmax=2.0)
     with pytest.raises(ValueError, match="eval_mode='test' is not known"):
-        make(3, eval_mode="test")
+        make(3, eval_mode="test")  # pyright: ignore[reportArgumentType]
     bn, state = make(3, virtual_batch_size=3)
     with pytest.raises(ValueError, match="virtual_batch_size=3 does not divide"):
         bn(jnp.ones((8, 3)), state)

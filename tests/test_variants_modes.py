@@ -51,7 +51,7 @@ def test_eval_mode_batch_needs_two_values_and_mode_is_checked():
     with pytest.raises(ValueError, match="a batch variance needs at least 2"):
         layer.apply(params, stats, jnp.ones((1, 3)), train=False)
     with pytest.raises(ValueError, match="eval_mode='local' is not known"):
-        jaxbn.batch_norm(eval_mode="local")
+        jaxbn.batch_norm(eval_mode="local")  # pyright: ignore[reportArgumentType]
 
 
 def film_reference(x, scale, bias, eps=1e-5):
