@@ -163,8 +163,14 @@ def batch_norm(
       batch_stats)`` with ``params = {"scale", "bias"}`` (param_dtype, feature
       shape; a key is absent when disabled) and ``batch_stats = {"mean": zeros,
       "var": ones, "count": 0}`` (float32 feature shape, float64 for float64
-      x, a complex mean for complex x; int32 scalar count; with ``renorm``
-      also ``"renorm_mean"`` and ``"renorm_std"``); ``key``
+      x, a complex mean for complex x; int32 scalar count, which counts
+      exactly; with ``renorm`` also ``"renorm_mean"`` and ``"renorm_std"``;
+      typed :class:`jaxbn.BatchStats`). ``jaxbn.linen`` and ``jaxbn.nnx``
+      keep their count in float32 instead: Flax code differentiates and
+      averages whole variable trees (``nnx.grad`` of a module, ``lax.pmean``
+      of ``batch_stats``), which an integer leaf breaks; float32 counts
+      exactly to ``2**24`` updates, past which the decay no longer changes.
+      ``key``
       defaults to ``jax.random.key(0)`` and is used only by random initializers.
       ``apply(params, batch_stats, x, *, train, mask=None, weights=None,
       scale=None, offset=None)`` returns

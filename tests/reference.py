@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import jax
 import numpy as np
 
 
@@ -110,4 +113,22 @@ def loss_grad_fd(
         grad_of(x, lambda v: loss(v, s, b)),
         grad_of(s, lambda v: loss(x, v, b)),
         grad_of(b, lambda v: loss(x, s, v)),
+    )
+
+
+def close(actual: Any, desired: Any, rtol: float = 1e-5, atol: float = 1e-5) -> None:
+    """The tests' one comparison: trees of arrays, leaf by leaf, in float64.
+
+    ``rtol`` and ``atol`` default to float32's error after a few operations
+    (about 100 ulps at 1); a test passes its own where it has a reason to.
+    """
+    jax.tree.map(
+        lambda a, d: np.testing.assert_allclose(
+            np.asarray(a, np.complex128 if np.iscomplexobj(a) else np.float64),
+            np.asarray(d, np.complex128 if np.iscomplexobj(d) else np.float64),
+            rtol=rtol,
+            atol=atol,
+        ),
+        actual,
+        desired,
     )

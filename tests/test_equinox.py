@@ -20,13 +20,9 @@ import pytest
 
 eqx = pytest.importorskip("equinox", reason="equinox is not installed")
 
+from reference import close  # noqa: E402
+
 import jaxbn.equinox  # noqa: E402
-
-
-def _close(actual, desired, rtol: float = 1e-5, atol: float = 1e-5) -> None:
-    np.testing.assert_allclose(
-        np.asarray(actual), np.asarray(desired), rtol=rtol, atol=atol
-    )
 
 
 def _x(seed: int, *shape: int) -> jax.Array:
@@ -64,11 +60,11 @@ def test_parity_with_equinox_training_and_running_averages():
         x = _x(10 + step, 6, 3, 4, 5)  # 6 examples of shape (C, H, W)
         y_ours, s_ours = _per_example(ours, s_ours, x)
         y_theirs, s_theirs = _per_example(theirs, s_theirs, x)
-        _close(y_ours, y_theirs)
+        close(y_ours, y_theirs)
     stats = s_ours.get(ours.state_index)
     mean, var = s_theirs.get(theirs.batch_state_index)
-    _close(stats["mean"], mean)
-    _close(stats["var"], var)
+    close(stats["mean"], mean)
+    close(stats["var"], var)
     assert int(stats["count"]) == int(s_theirs.get(theirs.batch_counter)) == 4
 
 
@@ -93,9 +89,9 @@ def test_parity_with_equinox_gradients():
     )
     # Gradients of a sum of 32 squared errors of order 10: 1e-5 of relative
     # float32 rounding, plus an absolute term for entries that nearly cancel.
-    _close(g_ours.weight, g_theirs.weight, atol=1e-4)
-    _close(g_ours.bias, g_theirs.bias, atol=1e-4)
-    _close(gx_ours, gx_theirs, atol=1e-4)
+    close(g_ours.weight, g_theirs.weight, atol=1e-4)
+    close(g_ours.bias, g_theirs.bias, atol=1e-4)
+    close(gx_ours, gx_theirs, atol=1e-4)
 
 
 def test_plain_batch_needs_no_vmap_and_matches_per_example():
@@ -105,10 +101,10 @@ def test_plain_batch_needs_no_vmap_and_matches_per_example():
     x = _x(5, 6, c, 4, 4)
     y, state = _per_example(per_example, state, x)
     y_b, state_b = batched(x, state_b)
-    _close(y_b, y)
+    close(y_b, y)
     a, b = state.get(per_example.state_index), state_b.get(batched.state_index)
-    _close(a["mean"], b["mean"])
-    _close(a["var"], b["var"])
+    close(a["mean"], b["mean"])
+    close(a["var"], b["var"])
 
 
 def test_statistics_and_warmup_against_numpy():
@@ -118,11 +114,11 @@ def test_statistics_and_warmup_against_numpy():
     x64 = np.asarray(x, np.float64)
     mean, var = x64.mean(axis=(0, 2)), x64.var(axis=(0, 2))
     want = (x64 - mean[:, None]) / np.sqrt(var[:, None] + 1e-5)
-    _close(y, want)
+    close(y, want)
     stats = state.get(bn.state_index)
     # Warm-up: the first update has decay 1/10, not 0.99.
-    _close(stats["mean"], 0.9 * mean)
-    _close(stats["var"], 0.1 + 0.9 * var)
+    close(stats["mean"], 0.9 * mean)
+    close(stats["var"], 0.1 + 0.9 * var)
     assert int(stats["count"]) == 1
 
 
@@ -139,9 +135,9 @@ def test_inference_mode_call_override_and_sequential():
     assert same is state
     mean, var = (np.asarray(state.get(bn.state_index)[k]) for k in ("mean", "var"))
     want = (np.tanh(np.asarray(x)) - mean) / np.sqrt(var + 1e-5)
-    _close(y, want)
+    close(y, want)
     y2, _ = bn(jnp.tanh(x), state, inference=True)
-    _close(y2, y)
+    close(y2, y)
     _, trained = frozen[1](jnp.tanh(x), state, inference=False)
     assert int(trained.get(bn.state_index)["count"]) == int(before["count"]) + 1
 

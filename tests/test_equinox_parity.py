@@ -5,7 +5,7 @@ way Equinox's own tests use it, and compares outputs, running statistics and
 gradients. Equinox's ``mode="batch"`` (zero-debiased running averages) and
 ``mode="ema"`` (training normalizes with the updated running average) are both
 matched, but for ``mode="batch"``'s inference variance, which jaxbn debiases
-from its start at 1 where Equinox divides it (see ``test_debias.py``). Equinox computes in float32 with ``jnp.mean`` over a vmapped axis and
+from its start at 1 where Equinox divides it (see ``test_variants_debias.py``). Equinox computes in float32 with ``jnp.mean`` over a vmapped axis and
 ``lax.pmean``, jaxbn with its own shifted sums: the same values up to float32
 rounding of sums of a few dozen terms, hence ``rtol=atol=1e-5``.
 

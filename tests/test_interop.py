@@ -23,18 +23,13 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from reference import close
 
 import jaxbn
 from jaxbn import interop
 
 # Any random values do here: see the fixture (conftest.py).
 pytestmark = pytest.mark.usefixtures("non_partitionable_threefry")
-
-
-def _close(actual, desired, rtol: float = 1e-5, atol: float = 1e-5) -> None:
-    np.testing.assert_allclose(
-        np.asarray(actual), np.asarray(desired), rtol=rtol, atol=atol
-    )
 
 
 CONVERGED = interop.CONVERGED_COUNT
@@ -163,10 +158,10 @@ def test_torch_parity_train_eval_and_running_stats():
         x = _rand(10 + step, *shape, loc=float(step))
         y_torch = bn(torch.as_tensor(x)).detach().numpy()
         y, stats = apply(params, stats, jnp.asarray(x), train=True)
-        _close(y, y_torch)
-    _close(stats["mean"], bn.running_mean.numpy())
+        close(y, y_torch)
+    close(stats["mean"], bn.running_mean.numpy())
     decayed = d**k  # what is left of the initial variance 1
-    _close(
+    close(
         (np.asarray(stats["var"]) - decayed) * n / (n - 1),
         bn.running_var.numpy() - decayed,
     )
@@ -178,7 +173,7 @@ def test_torch_parity_train_eval_and_running_stats():
     x = _rand(99, *shape)
     params, stats = interop.from_torch(bn.state_dict())
     y, _ = layer.apply(params, stats, jnp.asarray(x), train=False)
-    _close(y, bn(torch.as_tensor(x)).detach().numpy())
+    close(y, bn(torch.as_tensor(x)).detach().numpy())
 
 
 def test_torch_eval_parity_after_to_torch():
@@ -189,7 +184,7 @@ def test_torch_eval_parity_after_to_torch():
     bn.load_state_dict({k: torch.as_tensor(v) for k, v in sd.items()})
     x = _rand(5, 7, 6)
     y, _ = jaxbn.batch_norm(axis=1).apply(params, stats, jnp.asarray(x), train=False)
-    _close(y, bn(torch.as_tensor(x)).detach().numpy())
+    close(y, bn(torch.as_tensor(x)).detach().numpy())
 
 
 def test_torch_whole_model_prefix_and_no_affine():
@@ -314,15 +309,15 @@ def test_keras_parity_train_eval_and_running_stats():
         x = _rand(20 + step, 5, 3, 3, c, loc=float(step))
         y_keras = np.asarray(bn(x, training=True))
         y, stats = layer.apply(params, stats, jnp.asarray(x), train=True)
-        _close(y, y_keras)
+        close(y, y_keras)
     # Keras also averages the biased variance: both statistics agree directly.
-    _close(stats["mean"], np.asarray(bn.moving_mean))
-    _close(stats["var"], np.asarray(bn.moving_variance))
+    close(stats["mean"], np.asarray(bn.moving_mean))
+    close(stats["var"], np.asarray(bn.moving_variance))
 
     x = _rand(7, 2, 3, 3, c)
     params, stats = interop.from_keras({v.path: v for v in bn.weights})
     y, _ = layer.apply(params, stats, jnp.asarray(x), train=False)
-    _close(y, np.asarray(bn(x, training=False)))
+    close(y, np.asarray(bn(x, training=False)))
 
 
 @pytest.mark.filterwarnings(_KERAS_NUMPY_WARNING)
@@ -337,7 +332,7 @@ def test_keras_set_weights_round_trip_and_eval_parity():
     y, _ = jaxbn.batch_norm(center=False).apply(
         params, stats, jnp.asarray(x), train=False
     )
-    _close(y, np.asarray(bn(x, training=False)))
+    close(y, np.asarray(bn(x, training=False)))
     back = interop.from_keras({v.name: v for v in bn.weights})
     _assert_same(back, (params, stats))
 
@@ -395,12 +390,12 @@ def test_haiku_parity_and_eval_after_from_haiku():
         y, stats = layer.apply(params, stats, x, train=True)
         # Haiku's variance is E[x^2] - E[x]^2: with |mean| ~ 0.5 and var ~ 4
         # it loses about one bit, still within the float32 tolerance.
-        _close(y, y_hk)
+        close(y, y_hk)
     x = jnp.asarray(_rand(8, *shape))
     y_hk, _ = f.apply(hk_params, hk_state, x, False)
     params, stats = interop.from_haiku(hk_params, hk_state, name="bn")
     y, _ = layer.apply(params, stats, x, train=False)
-    _close(y, y_hk)
+    close(y, y_hk)
 
 
 def test_haiku_to_haiku_eval_and_continued_training():
@@ -414,14 +409,14 @@ def test_haiku_to_haiku_eval_and_continued_training():
     x = jnp.asarray(_rand(3, *shape))
     layer = jaxbn.batch_norm(momentum=0.8)
     y, _ = layer.apply(params, stats, x, train=False)
-    _close(f.apply(hk_params, hk_state, x, False)[0], y)
+    close(f.apply(hk_params, hk_state, x, False)[0], y)
     for step in range(3):
         x = jnp.asarray(_rand(40 + step, *shape))
         _, hk_state = f.apply(hk_params, hk_state, x, True)
         _, stats = layer.apply(params, stats, x, train=True)
     back_params, back_stats = interop.from_haiku(hk_params, hk_state, count=0)
-    _close(back_stats["mean"], stats["mean"])
-    _close(back_stats["var"], stats["var"])
+    close(back_stats["mean"], stats["mean"])
+    close(back_stats["var"], stats["var"])
     _assert_same(back_params, params)
 
 
@@ -499,7 +494,7 @@ def test_equinox_batch_mode_from_and_to():
     assert int(stats["count"]) == CONVERGED
     layer = jaxbn.batch_norm(axis=1, momentum=0.9)
     y, _ = layer.apply(params, stats, x, train=False)
-    _close(y, y_eqx)
+    close(y, y_eqx)
 
     # Back into a fresh Equinox layer: same evaluation, then one plain average.
     fresh, fresh_state = eqx.nn.make_with_state(eqx.nn.BatchNorm)(
@@ -507,14 +502,14 @@ def test_equinox_batch_mode_from_and_to():
     )
     bn2, state2 = interop.to_equinox(params, stats, fresh, fresh_state)
     y_eqx, _ = _eqx_run(eqx.nn.inference_mode(bn2), state2, x)
-    _close(y_eqx, y)
+    close(y_eqx, y)
     for step in range(3):
         xs = jnp.asarray(_rand(60 + step, *shape))
         _, state2 = _eqx_run(bn2, state2, xs)
         _, stats = layer.apply(params, stats, xs, train=True)
     _, back = interop.from_equinox(bn2, state2)
-    _close(back["mean"], stats["mean"])
-    _close(back["var"], stats["var"])
+    close(back["mean"], stats["mean"])
+    close(back["var"], stats["var"])
 
 
 def test_equinox_untrained_and_ema_mode():
@@ -537,7 +532,7 @@ def test_equinox_untrained_and_ema_mode():
     x = jnp.asarray(_rand(3, 4, 2))
     y_eqx, _ = _eqx_run(eqx.nn.inference_mode(ema), ema_state, x, "b")
     y, _ = jaxbn.batch_norm(axis=1).apply(params, stats, x, train=False)
-    _close(y, y_eqx)
+    close(y, y_eqx)
 
 
 def test_equinox_round_trips_are_exact():
@@ -590,7 +585,7 @@ def test_flax_linen_parity_from_and_to():
     y_flax = model.apply(variables, x, True)
     params, stats = interop.from_flax(variables)
     y, _ = jaxbn.batch_norm(momentum=0.8).apply(params, stats, x, train=False)
-    _close(y, y_flax)
+    close(y, y_flax)
     back = interop.to_flax(params, stats)
     _assert_same(back, variables)
 
@@ -609,7 +604,7 @@ def test_flax_nnx_from_and_into_module():
     x = jnp.asarray(_rand(12, 6, 3))
     params, stats = interop.from_flax(bn)
     y, _ = jaxbn.batch_norm(momentum=0.8).apply(params, stats, x, train=False)
-    _close(y, bn(x))
+    close(y, bn(x))
 
     ours = jaxbn.nnx.BatchNorm(3, rngs=nnx.Rngs(1))
     assert interop.to_flax(params, stats, ours) is ours

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from reference import close
 
 import jaxbn
 import jaxbn.linen
@@ -73,10 +74,6 @@ def _eval(params, stats, x, axis: int = -1, **options) -> jax.Array:
     return y
 
 
-def _close(actual, desired) -> None:
-    np.testing.assert_allclose(np.asarray(actual), desired, rtol=1e-5, atol=1e-5)
-
-
 @pytest.mark.parametrize("gamma", [True, False])
 def test_contrib_scope_evaluates_as_tensorflow(gamma):
     # contrib's default scale=False saves no gamma; the checkpoint also holds
@@ -94,7 +91,7 @@ def test_contrib_scope_evaluates_as_tensorflow(gamma):
     assert int(stats["count"]) == interop.CONVERGED_COUNT
     assert stats["count"].dtype == jnp.int32
     x = _x(4, C)
-    _close(_eval(params, stats, x), _tf_inference(x, bn))
+    close(_eval(params, stats, x), _tf_inference(x, bn))
     # The only batch norm is found without scope=.
     again, _ = interop.from_tensorflow(ckpt)
     np.testing.assert_array_equal(again["bias"], params["bias"])
@@ -117,7 +114,7 @@ def test_tf_layers_and_keras_names(fmt, scope):
     ckpt["_CHECKPOINTABLE_OBJECT_GRAPH"] = b"not an array"
     params, stats = interop.from_tensorflow(ckpt, scope=scope)
     x = _x(4, C)
-    _close(_eval(params, stats, x), _tf_inference(x, bn))
+    close(_eval(params, stats, x), _tf_inference(x, bn))
 
 
 def test_checkpoint_reader_reads_only_the_scope():
@@ -137,7 +134,7 @@ def test_checkpoint_reader_reads_only_the_scope():
     params, stats = interop.from_tensorflow(reader, scope="b/BatchNorm")
     assert sorted(reader.read) == sorted(f"b/BatchNorm/{k}" for k in bn)
     x = _x(4, C)
-    _close(_eval(params, stats, x), _tf_inference(x, bn))
+    close(_eval(params, stats, x), _tf_inference(x, bn))
 
 
 def test_tf_variables_are_read_through_value():
@@ -156,7 +153,7 @@ def test_tf_variables_are_read_through_value():
         {f"bn/{k}:0": Variable(v) for k, v in bn.items()}
     )
     x = _x(4, C)
-    _close(_eval(params, stats, x), _tf_inference(x, bn))
+    close(_eval(params, stats, x), _tf_inference(x, bn))
 
 
 def test_nchw_and_keepdims_shapes():
@@ -164,13 +161,13 @@ def test_nchw_and_keepdims_shapes():
     bn = _bn_vars(3)
     params, stats = interop.from_tensorflow(_named("BatchNorm", bn))
     x = _x(2, C, 2)
-    _close(_eval(params, stats, x, axis=1), _tf_inference(x, bn, axis=1))
+    close(_eval(params, stats, x, axis=1), _tf_inference(x, bn, axis=1))
     # Keras with virtual_batch_size keeps (1, 1, 1, C) variables: squeezed.
     kept = {k: v.reshape(1, 1, 1, C) for k, v in bn.items()}
     params, stats = interop.from_tensorflow(_named("bn", kept))
     assert stats["mean"].shape == params["scale"].shape == (C,)
     x = _x(4, C)
-    _close(_eval(params, stats, x), _tf_inference(x, bn))
+    close(_eval(params, stats, x), _tf_inference(x, bn))
 
 
 def test_whole_model_nests_by_scope_and_drops_into_linen():
@@ -194,7 +191,7 @@ def test_whole_model_nests_by_scope_and_drops_into_linen():
         first, second = scope.split("/")
         params = tree["params"][first][second]
         stats = tree["batch_stats"][first][second]
-        _close(_eval(params, stats, x), _tf_inference(x, bn))
+        close(_eval(params, stats, x), _tf_inference(x, bn))
 
     class Block(nn.Module):
         @nn.compact
@@ -220,7 +217,7 @@ def test_whole_model_nests_by_scope_and_drops_into_linen():
         layers["block1/batch_normalization"],
         layers["block1/batch_normalization_1"],
     )
-    _close(y, _tf_inference(_tf_inference(x, b1), b2))
+    close(y, _tf_inference(_tf_inference(x, b1), b2))
 
 
 def test_zero_debias_moving_mean():
@@ -238,13 +235,13 @@ def test_zero_debias_moving_mean():
     x = _x(4, C)
     params, stats = interop.from_tensorflow(ckpt)  # as stored: debiased
     np.testing.assert_array_equal(stats["mean"], bn["moving_mean"])
-    _close(_eval(params, stats, x), _tf_inference(x, bn))
+    close(_eval(params, stats, x), _tf_inference(x, bn))
 
     params, stats = interop.from_tensorflow(ckpt, debias="mean")
     np.testing.assert_array_equal(stats["mean"], biased)
     assert int(stats["count"]) == step
     options: dict[str, Any] = dict(momentum=decay, warmup=False, debias="mean")
-    _close(_eval(params, stats, x, **options), _tf_inference(x, bn))
+    close(_eval(params, stats, x, **options), _tf_inference(x, bn))
     # One more training step goes on exactly as TensorFlow's would.
     layer = jaxbn.batch_norm(epsilon=EPS, **options)
     apply = jax.jit(layer.apply, static_argnames="train")
@@ -258,7 +255,7 @@ def test_zero_debias_moving_mean():
         "moving_variance": var_next,
     }
     y, _ = apply(params, stats, x, train=False)
-    _close(y, _tf_inference(x, tf_next))
+    close(y, _tf_inference(x, tf_next))
     # The pair under <scope>/moving_mean/ (as contrib's docstring names it) too.
     short = {
         k.replace(shadow, "conv1/BatchNorm/moving_mean"): v for k, v in ckpt.items()
@@ -284,7 +281,7 @@ def test_renorm_variables():
     np.testing.assert_array_equal(stats["renorm_mean"], renorm_mean)
     np.testing.assert_array_equal(stats["renorm_std"], renorm_stddev)
     x = _x(4, C)
-    _close(_eval(params, stats, x), _tf_inference(x, bn))
+    close(_eval(params, stats, x), _tf_inference(x, bn))
     layer = jaxbn.batch_norm(epsilon=EPS, renorm=True)
     _, trained = jax.jit(layer.apply, static_argnames="train")(
         params, stats, x, train=True
@@ -299,8 +296,8 @@ def test_renorm_variables():
         "bn/renorm_stddev_weight": np.float32(0.25),
     }
     _, stats = interop.from_tensorflow(tf1, renorm=True)
-    _close(stats["renorm_mean"], renorm_mean)
-    _close(stats["renorm_std"], renorm_stddev)
+    close(stats["renorm_mean"], renorm_mean)
+    close(stats["renorm_std"], renorm_stddev)
     with pytest.raises(ValueError, match="never"):
         interop.from_tensorflow(
             {**tf1, "bn/renorm_mean_weight": np.float32(0.0)}, renorm=True

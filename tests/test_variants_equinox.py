@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from reference import close
 
 import jaxbn
 import jaxbn.equinox
@@ -25,10 +26,6 @@ OPTIONS = [
     {"momentum": 1.0, "warmup": False, "eval_mode": "batch"},
     {"momentum": 0.9, "warmup": False, "debias": "mean_and_var"},
 ]
-
-
-def close(a, b):
-    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
 
 
 def batches(n=3, seed=0):
@@ -72,15 +69,15 @@ def test_batched_layout_forwards_the_variants(options):
     step = eqx.filter_jit(lambda bn, s, x: bn(x, s, mask=mask, weights=w))
     for x, want in zip(xs, want_ys, strict=True):
         y, state = step(bn, state, x)
-        close(y, want)
+        close(y, want, rtol=1e-6, atol=1e-6)
     got = state.get(bn.state_index)
     assert sorted(got) == sorted(want_stats)
     for name, value in want_stats.items():
-        close(got[name], value)
+        close(got[name], value, rtol=1e-6, atol=1e-6)
     assert got["count"].dtype == jnp.int32
     y_eval, same = bn(xs[0], state, inference=True, mask=mask)
-    close(y_eval, want_eval)
-    close(same.get(bn.state_index)["mean"], got["mean"])
+    close(y_eval, want_eval, rtol=1e-6, atol=1e-6)
+    close(same.get(bn.state_index)["mean"], got["mean"], rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -100,10 +97,10 @@ def test_per_example_layout_under_vmap_forwards_the_variants(options):
     )
     for x, want in zip(xs, want_ys, strict=True):
         y, state = mapped(x, mask, w, state)
-        close(y, want)
+        close(y, want, rtol=1e-6, atol=1e-6)
     got = state.get(bn.state_index)
     for name, value in want_stats.items():
-        close(got[name], value)
+        close(got[name], value, rtol=1e-6, atol=1e-6)
 
 
 def test_call_time_scale_and_offset():
@@ -117,7 +114,7 @@ def test_call_time_scale_and_offset():
         3, channelwise_affine=False
     )
     y, _ = bn(x, clone(state), scale=s, offset=b)
-    close(y, want)
+    close(y, want, rtol=1e-6, atol=1e-6)
     grads = jax.grad(lambda s: jnp.sum(bn(x, clone(state), scale=s, offset=b)[0] ** 3))(
         s
     )
@@ -126,7 +123,7 @@ def test_call_time_scale_and_offset():
             layer.apply(params, stats, x, train=True, scale=s, offset=b)[0] ** 3
         )
     )(s)
-    close(grads, want_grads)
+    close(grads, want_grads, rtol=1e-6, atol=1e-6)
     affine, state = eqx.nn.make_with_state(jaxbn.equinox.BatchNorm)(3)
     with pytest.raises(ValueError, match="build it with scale=False"):
         affine(x, state, scale=s)

@@ -20,7 +20,7 @@ _NAMES = LAYOUTS["equinox"]
 
 
 def _kind(module: Any) -> str:
-    if hasattr(module, "state_index") and hasattr(module, "warmup"):
+    if hasattr(module, "state_index") and hasattr(module, "config"):
         return "jaxbn"
     mode = getattr(module, "mode", None)
     if mode == "batch" and getattr(module, "batch_state_index", None) is not None:
