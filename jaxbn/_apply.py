@@ -22,10 +22,10 @@ from . import _inputs as inputs
 from ._config import BatchNormConfig, Geometry
 from ._ghost import ghost_training
 from ._normalize import RenormOperands, clip_bound, normalize
-from ._running import all_finite, update_running_stats
+from ._running import update_running_stats
 from ._statistics import devices_in_axis
 from ._sums import Moments, real_dtype, sanitized, valid
-from ._training import Running, StepOptions, always_counted, training_step
+from ._training import Running, StepOptions, always_counted, batch_step
 from ._types import BatchStats, BatchStatsLike, Params, ParamsLike
 
 
@@ -281,20 +281,18 @@ def _training(
         dtype,
     )
     k = config.virtual_batch_size
-    if k is not None:
-        y, moments = ghost_training(k, x, mask, *affine, running, options)
-        finite = all_finite(moments.mean, moments.var)
+    if k is None:
+        step = batch_step(x, mask, *affine, running, options)
     else:
-        y, m = training_step(x, mask, *affine, running, options)
-        moments = Moments(m.count, m.shift + m.offset, m.var)
-        finite = jnp.isfinite(m.margin)
+        step = ghost_training(k, x, mask, *affine, running, options)
     if config.freezes_running_stats:  # bitwise unchanged, count included
-        return y, stats
-    flat = Moments(*(a.reshape(geo.feature_shape) for a in moments))
+        return step.y, stats
+    flat = Moments(*(a.reshape(geo.feature_shape) for a in step.moments))
     counted = always_counted(x, mask, geo.reduction_axes)
-    return y, update_running_stats(
-        stats, flat, config, finite, counted, mean_is_finite=k is None
+    new = update_running_stats(
+        stats, flat, config, step.finite, counted, step.mean_is_finite
     )
+    return step.y, new
 
 
 def _evaluate(

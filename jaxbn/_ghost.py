@@ -16,12 +16,13 @@ from typing import overload
 import jax
 import jax.numpy as jnp
 
+from ._running import all_finite
 from ._statistics import (
     batch_moments,  # noqa: F401  (doctest)
     shifted_moments,  # noqa: F401  (doctest)
 )
 from ._sums import AxisName, Moments, ShiftedMoments, abs2, psum_parts
-from ._training import Running, StepOptions, training_step
+from ._training import Running, Step, StepOptions, training_step
 
 
 @overload
@@ -44,8 +45,8 @@ def ghost_training(
     bias: jax.Array | None,
     running: Running,
     options: StepOptions,
-) -> tuple[jax.Array, Moments]:
-    """``training_step`` on groups of k examples; returns ``(y, merged)``.
+) -> Step:
+    """``training_step`` on groups of k examples, with the groups' merged moments.
 
     Args:
       k: the virtual batch size (it divides ``x.shape[0]``, a batch axis).
@@ -57,8 +58,10 @@ def ghost_training(
       options: the training step's options for the whole x.
 
     Returns:
-      ``y`` shaped like x, and the merged ``Moments`` (no gradient), with x's
-      rank and size-1 batch axes, across the devices of ``axis_name`` too.
+      The :class:`Step`: ``y`` shaped like x, and the merged ``Moments`` (no
+      gradient), with x's rank and size-1 batch axes, across the devices of
+      ``axis_name`` too, and whether they are finite (merged after the
+      passes, so checked here).
     """
     renorm = running.renorm
     if renorm is not None:
@@ -80,7 +83,9 @@ def ghost_training(
         per_group,
     )
     merged = merge_groups(m, mean, 0, options.axis_name, options.groups)
-    return y.reshape(x.shape), Moments(*(a[0] for a in merged))
+    moments = Moments(*(a[0] for a in merged))
+    finite = all_finite(moments.mean, moments.var)
+    return Step(y.reshape(x.shape), moments, finite, mean_is_finite=False)
 
 
 def merge_groups(

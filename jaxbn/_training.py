@@ -38,7 +38,7 @@ from ._normalize import (
     renorm_correction,
 )
 from ._statistics import SAVED, shifted_moments
-from ._sums import ShiftedMoments, psum_parts, sanitized, weigh
+from ._sums import Moments, ShiftedMoments, psum_parts, sanitized, weigh
 from ._xla_cpu import centred_pair
 
 _SAVE_STATISTICS = jax.checkpoint_policies.save_only_these_names(SAVED)
@@ -75,6 +75,43 @@ class Running(NamedTuple):
     mean: jax.Array
     var: jax.Array
     renorm: RenormOperands | None = None
+
+
+class Step(NamedTuple):
+    """What a training step gives the running-average update.
+
+    The whole batch's step (:func:`batch_step`) and the ghost batches'
+    (``_ghost.ghost_training``) both return one.
+
+    Attributes:
+      y: the normalized x, in the step's output dtype.
+      moments: the batch's count, mean and variance (no gradient), of x's
+        rank with size-1 batch axes, global across ``axis_name``.
+      finite: a scalar boolean, whether every statistic of the batch is finite.
+      mean_is_finite: whether the mean is finite even in a batch that is not
+        (known when tracing), so the update needs no guard for it.
+    """
+
+    y: jax.Array
+    moments: Moments
+    finite: jax.Array
+    mean_is_finite: bool
+
+
+def batch_step(
+    x: jax.Array,
+    mask: jax.Array | None,
+    scale: jax.Array | None,
+    bias: jax.Array | None,
+    running: Running,
+    options: StepOptions,
+) -> Step:
+    """:func:`training_step` on the whole batch, as a :class:`Step`."""
+    y, m = training_step(x, mask, scale, bias, running, options)
+    # The passes' margin is +inf where a statistic is not finite, and their
+    # mean is finite even then (a non-finite feature's offset is 0).
+    moments = Moments(m.count, m.shift + m.offset, m.var)
+    return Step(y, moments, jnp.isfinite(m.margin), mean_is_finite=True)
 
 
 def training_step(
