@@ -23,6 +23,24 @@ def base():
     return ab.load_checkout(ROOT, "jaxbn_ab_smoke")
 
 
+def test_the_base_is_a_second_copy_of_the_code(base):
+    # A broken loader would time this checkout twice: the base must be other
+    # module objects, loaded from the given path, that compute the same.
+    import jax.numpy as jnp
+
+    import jaxbn
+
+    assert base.__name__ == "jaxbn_ab_smoke" and base is not jaxbn
+    assert base.batch_norm is not jaxbn.batch_norm
+    assert Path(base.__file__).resolve() == ROOT / "jaxbn" / "__init__.py"
+    x = jnp.arange(12.0).reshape(4, 3)
+    outs = []
+    for module in (base, jaxbn):
+        layer = module.batch_norm(momentum=0.9)
+        outs.append(layer.apply(*layer.init(x), x, train=True)[0])
+    assert bool(jnp.all(outs[0] == outs[1]))
+
+
 def test_compile_ab_times_flax_the_base_and_this_checkout(base):
     result = ab.compile_ab(base, "resnet18", "eval", reps=1)
     assert set(result["median_s"]) == {"flax", "base", "this"}
