@@ -25,7 +25,7 @@ from ._normalize import RenormOperands, clip_bound, normalize
 from ._running import update_running_stats
 from ._statistics import devices_in_axis
 from ._sums import Moments, real_dtype, sanitized, valid
-from ._training import Running, StepOptions, always_counted, batch_step
+from ._training import Running, StepOptions, batch_step, every_feature_has_values
 from ._types import BatchStats, BatchStatsLike, Params, ParamsLike
 
 
@@ -288,9 +288,9 @@ def _training(
     if config.freezes_running_stats:  # bitwise unchanged, count included
         return step.y, stats
     flat = Moments(*(a.reshape(geo.feature_shape) for a in step.moments))
-    counted = always_counted(x, mask, geo.reduction_axes)
+    has_values = every_feature_has_values(x, mask, geo.reduction_axes)
     new = update_running_stats(
-        stats, flat, config, step.finite, counted, step.mean_is_finite
+        stats, flat, config, step.finite, has_values, step.mean_is_finite
     )
     return step.y, new
 

@@ -171,8 +171,8 @@ class BatchNormConfig:
 
         The Flax adapters store ``count`` only then.
         """
-        counted = self.momentum is None or self.renorm or self.debias is not None
-        return bool(self.warmup) or counted
+        reads_count = self.momentum is None or self.renorm or self.debias is not None
+        return bool(self.warmup) or reads_count
 
     def geometry(self, x: Any) -> Geometry:
         """The feature axes of ``x`` (checked to be a floating or complex array)."""

@@ -220,9 +220,9 @@ def _row(
     count = layer.get("count")
     count = None if count is None else int(jax.device_get(count))
     # Statistics saved without a count are taken as converged, as the layers do.
-    counted = float(CONVERGED_COUNT if count is None else count)
-    decay = decay_rule(counted, momentum, warmup, min)
-    warm = decay_rule(counted, 1.0, True, min)
+    updates = float(CONVERGED_COUNT if count is None else count)
+    decay = decay_rule(updates, momentum, warmup, min)
+    warm = decay_rule(updates, 1.0, True, min)
     finite = np.isfinite(mean) & np.isfinite(var)
     std = np.sqrt(np.where(finite & (var > 0), var, 0.0))
     safe_mean = np.where(finite, mean, 0.0)

@@ -72,7 +72,7 @@ def update_running_stats(
     moments: Moments,
     config: BatchNormConfig,
     finite: jax.Array,
-    counted: bool = False,
+    every_feature_has_values: bool = False,
     mean_is_finite: bool = False,
 ) -> BatchStats:
     """Returns ``batch_stats`` moved towards ``moments`` (no gradient flows).
@@ -90,9 +90,9 @@ def update_running_stats(
       config: the layer's configuration.
       finite: a scalar boolean, whether every statistic of the batch is
         finite (the passes tell it: ``isfinite(ShiftedMoments.margin)``).
-      counted: every feature is known, at trace time, to have values (no
-        mask, a non-empty batch), so the per-feature checks of the count are
-        left out of the program.
+      every_feature_has_values: every feature is known, at trace time, to
+        have values (no mask, a non-empty batch), so the per-feature checks
+        of the count are left out of the program.
       mean_is_finite: the batch mean is finite even in a batch that is not
         taken (the passes' mean is: a non-finite feature's offset is 0), so
         it needs no guard.
@@ -108,7 +108,7 @@ def update_running_stats(
         factor = jnp.where(count > 1.0, count / jnp.maximum(count - 1.0, 1.0), 1.0)
         var = jnp.minimum(var * factor, jnp.finfo(var.dtype).max)
     d = decay(batch_stats["count"], config.momentum, bool(config.warmup))
-    if counted:
+    if every_feature_has_values:
         recorded = finite
         moving = finite
     else:

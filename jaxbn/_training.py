@@ -173,7 +173,9 @@ def _checkpointed(
     return _train(static, sanitized(x, mask), mask, scale, bias, running)
 
 
-def always_counted(x: jax.Array, mask: jax.Array | None, axes: tuple[int, ...]) -> bool:
+def every_feature_has_values(
+    x: jax.Array, mask: jax.Array | None, axes: tuple[int, ...]
+) -> bool:
     """Whether every feature has values, known when tracing: no mask, no empty axis."""
     return mask is None and all(x.shape[a] > 0 for a in axes)
 
@@ -216,7 +218,7 @@ def _variance_used(
     # already; they take the running variance too. Without a mask every
     # feature of a non-empty batch has values: no select to compile.
     var = m.var
-    if not always_counted(x, mask, static.reduction_axes):
+    if not every_feature_has_values(x, mask, static.reduction_axes):
         var = jnp.where(m.count > 0, m.var, running.var.astype(m.var.dtype))
     if running.renorm is None:
         return var, None
@@ -232,7 +234,7 @@ def _inverse_count(
     (Without a mask or a named axis: then no per-feature kernel computes it.)
     """
     axes = static.reduction_axes
-    if static.axis_name is None and always_counted(x, mask, axes):
+    if static.axis_name is None and every_feature_has_values(x, mask, axes):
         return 1.0 / math.prod(x.shape[a] for a in axes)
     return 1.0 / jnp.maximum(count, 1.0)
 

@@ -66,12 +66,12 @@ def test_margin_decides_the_update_as_a_reduction_would(name, unbiased):
         jnp.asarray(x), (0,), None if mask is None else jnp.asarray(mask)
     )
     moments = Moments(m.count[0], (m.shift + m.offset)[0], m.var[0])
-    counted = mask is None
+    has_values = mask is None
     by_margin = update_running_stats(
-        stats, moments, layer.config, jnp.isfinite(m.margin), counted, True
+        stats, moments, layer.config, jnp.isfinite(m.margin), has_values, True
     )
     reduced = update_running_stats(
-        stats, moments, layer.config, all_finite(moments.mean, moments.var), counted
+        stats, moments, layer.config, all_finite(moments.mean, moments.var), has_values
     )
     for k in stats:
         np.testing.assert_array_equal(by_margin[k], reduced[k], err_msg=k)
