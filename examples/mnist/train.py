@@ -350,7 +350,7 @@ def checkpoint_manager(workdir: str | Path, max_to_keep: int) -> ocp.CheckpointM
     )
 
 
-def _state_to_save(state: TrainState) -> dict[str, Any]:
+def state_to_save(state: TrainState) -> dict[str, Any]:
     return {
         "step": state.step,
         "params": state.params,
@@ -382,7 +382,7 @@ def restore_checkpoint(
             f"No checkpoint in {manager.directory}; train first (without "
             "--eval_only) with the same --workdir."
         )
-    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, _state_to_save(state))
+    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, state_to_save(state))
     restored = manager.restore(epoch, args=ocp.args.StandardRestore(target))
     return state.replace(**restored)
 
@@ -588,7 +588,7 @@ def train_and_evaluate(config: Config, workdir: str | Path) -> TrainState:
         }
         with metrics_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
-        manager.save(epoch, args=ocp.args.StandardSave(_state_to_save(state)))
+        manager.save(epoch, args=ocp.args.StandardSave(state_to_save(state)))
         plot_metrics(read_metrics(workdir), workdir / PLOT_FILE)
         tqdm.write(
             f"epoch {epoch:2d}  train loss {record['train_loss']:.4f}  "
