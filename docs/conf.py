@@ -80,7 +80,7 @@ def figure_substitutions() -> dict[str, str]:
 
     mnist = report.figures(report.load())
     subs = {f"mnist_{key}": value for key, value in mnist.items()}
-    return subs | perf_figures.substitutions()
+    return subs | perf_figures.substitutions() | perf_figures.recalibration()
 
 
 myst_substitutions = figure_substitutions()

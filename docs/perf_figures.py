@@ -26,8 +26,7 @@ OP_NAMES = {
 COMPARED = ("jaxbn", "flax.linen", "torch")
 _MIB = float(1 << 20)
 # The runs with every layer-level case, newest by date first in latest_run.
-SPEED_SOURCES = ("cpu-2core", "cpu-2core-after-statistics-rewrite")
-REWRITE = ("cpu-2core-before-statistics-rewrite", "cpu-2core-after-statistics-rewrite")
+SPEED_SOURCES = ("cpu-2core",)
 
 
 def load_run(name: str, allocator: str = "tuned") -> dict[str, Any]:
@@ -71,21 +70,49 @@ def substitutions() -> dict[str, str]:
     """
     name, run = latest_run()
     low, high = speed_range(run)
+    p = json.loads((RESULTS / f"{name}.json").read_text())["provenance"]
     return {
         "perf_fwdbwd_vs_flax": f"{low:.2f}–{high:.2f}×",
-        "perf_run": f"`benchmarks/results/{name}.json`, {run['date'][:10]}",
+        "perf_run": (
+            f"`benchmarks/results/{name}.json`: {p['cpu']}, commit {p['commit']}, "
+            f"{p['date'][:10]}"
+        ),
     }
 
 
-def tables_note(run: dict[str, Any]) -> str:
-    """Whether the main tables were taken before or after the statistics rewrite."""
-    after = load_run(REWRITE[1])
-    when = "before" if run["date"] < after["date"] else "after"
+
+def provenance_line(path: str | Path) -> str:
+    """Where a results file comes from, for the line under its table (Markdown).
+
+    ``path`` is repository-relative; the file's ``"provenance"`` block is the
+    one ``python -m benchmarks.figures`` writes.
+    """
+    record = json.loads((ROOT / path).read_text())
+    p = record["provenance"]
     return (
-        f"The main tables below were taken on {run['date'][:10]}, {when} the "
-        "latest changes to the statistics code (shift by the running mean, "
-        "re-centring loop)."
+        f"Measured on {p['cpu']} ({p['cores']} cores), commit {p['commit']}, "
+        f"{p['date'][:10]}, jax {p['versions'].get('jax', '?')}: `{p['command']}` "
+        f"(`{path}`)."
     )
+
+
+def recalibration() -> dict[str, str]:
+    """The recalibration figures of ``after_training.md`` (MyST substitutions).
+
+    From ``examples/mnist/recalibration.json`` (``python -m benchmarks.figures
+    --only recalibration``): ``recal_<rule>_<evaluation>`` is a test accuracy
+    such as ``"65.2%"``, ``recal_source`` the file's provenance line.
+    """
+    path = "examples/mnist/recalibration.json"
+    record = json.loads((ROOT / path).read_text())
+    total = record["settings"]["test_images"]
+    subs = {
+        f"recal_{rule}_{name}": f"{100 * correct / total:.1f}%"
+        for rule, counts in record["correct"].items()
+        for name, correct in counts.items()
+    }
+    subs["recal_source"] = provenance_line(path)
+    return subs
 
 
 def load_text(run: dict[str, Any], donated: dict[str, Any]) -> str:
@@ -125,29 +152,6 @@ def compile_text(run: dict[str, Any]) -> str:
         "flax.linen's in these results."
     )
 
-
-def rewrite_summary(before: dict[str, Any], after: dict[str, Any]) -> str:
-    """The change of jaxbn's times through the rewrite, and its ratios after it."""
-    old = {s["name"]: s for s in before["shapes"]}
-
-    def change(op: str, shapes: list[dict[str, Any]]) -> str:
-        c = [
-            s["results"]["jaxbn"][op]["median_ms"]
-            / old[s["name"]]["results"]["jaxbn"][op]["median_ms"]
-            - 1
-            for s in shapes
-        ]
-        return f"{100 * min(c):+.0f}% to {100 * max(c):+.0f}%"
-
-    f32 = [s for s in after["shapes"] if s["dtype"] == "float32"]
-    after_ratios = " / ".join(f"{ratio(s, 'flax.linen', 'fwdbwd'):.2f}×" for s in f32)
-    return (
-        "Change of jaxbn's float32 times through the rewrite (after ÷ before − 1): "
-        f"forward+backward {change('fwdbwd', f32)}, training forward "
-        f"{change('fwd', f32)}, evaluation {change('eval', f32)}. After it, float32 "
-        f"forward+backward measured {after_ratios} flax.linen's speed on "
-        f"{', '.join(str(tuple(s['shape'])) for s in f32)}."
-    )
 
 
 def _label(shape: dict[str, Any]) -> str:
@@ -202,82 +206,6 @@ def headline_table(run: dict[str, Any], donated: dict[str, Any]) -> str:
         out.append("")
     return "\n".join(out)
 
-
-def rewrite_table(before: dict[str, Any], after: dict[str, Any]) -> str:
-    """The table of jaxbn before and after the statistics rewrite, per shape and op.
-
-    Both runs were taken back to back; the ratios are flax.linen ÷ jaxbn and
-    torch ÷ jaxbn within each run (above 1: jaxbn is faster).
-    """
-    rows = [
-        "| shape | op | jaxbn ms before | jaxbn ms after | flax ÷ jaxbn before "
-        "| flax ÷ jaxbn after | torch ÷ jaxbn after |",
-        "|---|---|---:|---:|---:|---:|---:|",
-    ]
-    old = {s["name"]: s for s in before["shapes"]}
-    for shape in after["shapes"]:
-        new_r, old_r = shape["results"], old[shape["name"]]["results"]
-        for op in OPS:
-            if op not in new_r["jaxbn"] or op not in old_r["jaxbn"]:
-                continue
-            a, b = old_r["jaxbn"][op]["median_ms"], new_r["jaxbn"][op]["median_ms"]
-            fa = old_r["flax.linen"][op]["median_ms"] / a
-            fb = new_r["flax.linen"][op]["median_ms"] / b
-            tb = new_r["torch"][op]["median_ms"] / b
-            rows.append(
-                f"| {_label(shape)} | {op} | {a:.2f} | {b:.2f} | {fa:.2f}× "
-                f"| {fb:.2f}× | {tb:.2f}× |"
-            )
-    return "\n".join(rows)
-
-
-class Target(NamedTuple):
-    """A performance target: a figure of each shape and its threshold."""
-
-    goal: str  # the target, as the table states it
-    kind: str  # "ratio" (other ÷ jaxbn), "roofline" or "residuals" (÷ S)
-    op: str = "fwdbwd"
-    other: str = "flax.linen"  # for ratios
-    threshold: float = 1.0
-    donated: bool = False  # judged on the run with x donated
-
-
-TARGETS = (
-    Target("forward+backward ≥ 1.4× flax.linen", "ratio", threshold=1.4),
-    Target(
-        "forward+backward ≥ 2× flax two-pass",
-        "ratio",
-        other="flax.linen-2pass",
-        threshold=2.0,
-    ),
-    Target(
-        "training forward ≥ 1.4× flax two-pass", "ratio", "fwd", "flax.linen-2pass", 1.4
-    ),
-    Target("training forward not slower than flax.linen", "ratio", "fwd"),
-    Target("evaluation not slower than flax.linen", "ratio", "eval"),
-    Target("forward+backward faster than torch", "ratio", other="torch"),
-    Target("residuals ≤ 1.1 S", "residuals", threshold=1.1),
-    Target(
-        "x donated: evaluation ≥ 85% of roofline",
-        "roofline",
-        "eval",
-        threshold=0.85,
-        donated=True,
-    ),
-    Target(
-        "x donated: training forward ≥ 60% of roofline",
-        "roofline",
-        "fwd",
-        threshold=0.6,
-        donated=True,
-    ),
-    Target(
-        "x donated: forward+backward ≥ 45% of roofline",
-        "roofline",
-        threshold=0.45,
-        donated=True,
-    ),
-)
 
 
 def _figure(target: Target, shape: dict[str, Any]) -> tuple[float, str, bool]:
