@@ -133,6 +133,18 @@ STEPS = (
         ("docs/_static/pitfalls.json",),
     ),
     Step(
+        "restore-time",
+        (
+            (
+                "-m",
+                "benchmarks.restore_time",
+                "--json",
+                f"{RESULTS}/restore-time.json",
+            ),
+        ),
+        (f"{RESULTS}/restore-time.json",),
+    ),
+    Step(
         "recalibration",
         (
             (
