@@ -80,7 +80,8 @@ def figure_substitutions() -> dict[str, str]:
 
     mnist = report.figures(report.load())
     subs = {f"mnist_{key}": value for key, value in mnist.items()}
-    return subs | perf_figures.substitutions() | perf_figures.recalibration()
+    figures = perf_figures.recalibration() | perf_figures.restore_time()
+    return subs | perf_figures.substitutions() | figures
 
 
 myst_substitutions = figure_substitutions()

@@ -115,6 +115,21 @@ def recalibration() -> dict[str, str]:
     return subs
 
 
+def restore_time() -> dict[str, str]:
+    """The FAQ's restore figures (MyST substitutions).
+
+    From ``benchmarks/results/restore-time.json`` (``python -m
+    benchmarks.figures --only restore-time``): ``restore_<phase>`` is a
+    median in seconds, such as ``"0.25 s"``; ``restore_source`` the file's
+    provenance line.
+    """
+    path = "benchmarks/results/restore-time.json"
+    record = json.loads((ROOT / path).read_text())
+    subs = {f"restore_{k}": f"{v:.2f} s" for k, v in record["median_s"].items()}
+    subs["restore_source"] = provenance_line(path)
+    return subs
+
+
 def load_text(run: dict[str, Any], donated: dict[str, Any]) -> str:
     """The load averages at the start and the end of the two runs (Markdown)."""
     return (
