@@ -80,7 +80,6 @@ def substitutions() -> dict[str, str]:
     }
 
 
-
 def provenance_line(path: str | Path) -> str:
     """Where a results file comes from, for the line under its table (Markdown).
 
@@ -168,7 +167,6 @@ def compile_text(run: dict[str, Any]) -> str:
     )
 
 
-
 def _label(shape: dict[str, Any]) -> str:
     dtype = {"float32": "f32", "bfloat16": "bf16"}.get(shape["dtype"], shape["dtype"])
     return f"{tuple(shape['shape'])} {dtype}"
@@ -221,6 +219,54 @@ def headline_table(run: dict[str, Any], donated: dict[str, Any]) -> str:
         out.append("")
     return "\n".join(out)
 
+
+class Target(NamedTuple):
+    """A performance target: a figure of each shape and its threshold."""
+
+    goal: str  # the target, as the table states it
+    kind: str  # "ratio" (other ÷ jaxbn), "roofline" or "residuals" (÷ S)
+    op: str = "fwdbwd"
+    other: str = "flax.linen"  # for ratios
+    threshold: float = 1.0
+    donated: bool = False  # judged on the run with x donated
+
+
+TARGETS = (
+    Target("forward+backward ≥ 1.4× flax.linen", "ratio", threshold=1.4),
+    Target(
+        "forward+backward ≥ 2× flax two-pass",
+        "ratio",
+        other="flax.linen-2pass",
+        threshold=2.0,
+    ),
+    Target(
+        "training forward ≥ 1.4× flax two-pass", "ratio", "fwd", "flax.linen-2pass", 1.4
+    ),
+    Target("training forward not slower than flax.linen", "ratio", "fwd"),
+    Target("evaluation not slower than flax.linen", "ratio", "eval"),
+    Target("forward+backward faster than torch", "ratio", other="torch"),
+    Target("residuals ≤ 1.1 S", "residuals", threshold=1.1),
+    Target(
+        "x donated: evaluation ≥ 85% of roofline",
+        "roofline",
+        "eval",
+        threshold=0.85,
+        donated=True,
+    ),
+    Target(
+        "x donated: training forward ≥ 60% of roofline",
+        "roofline",
+        "fwd",
+        threshold=0.6,
+        donated=True,
+    ),
+    Target(
+        "x donated: forward+backward ≥ 45% of roofline",
+        "roofline",
+        threshold=0.45,
+        donated=True,
+    ),
+)
 
 
 def _figure(target: Target, shape: dict[str, Any]) -> tuple[float, str, bool]:
