@@ -237,6 +237,7 @@ nitpick_ignore_regex = [
     ),
     (r"py:.*", r"(typing|collections\.abc|types)\..*"),
     (r"py:class", r"(Any|Array|ArrayLike|Callable|Hashable|Sequence|Mapping)"),
+    (r"py:class", r"DTypeLike"),
     (r"py:class", r"(Initializer|AxisName|Params|BatchStats)"),
     (r"py:class", r"(NoneType|Ellipsis|optional)"),
 ]

@@ -77,7 +77,7 @@ def mark_converged(stats: Any, count: int = CONVERGED_COUNT) -> Any:
     the warm-up instead.
 
     Args:
-      stats: a tree of dicts as for :func:`describe` (linen variables, whose
+      stats: a tree of dicts as for :func:`jaxbn.describe` (linen variables, whose
         other collections are kept, or the core's ``batch_stats``), or a
         ``flax.nnx`` model, changed in place. A layer with a ``count`` keeps
         its dtype; one without (saved by Flax) gets a float32 ``count``, the
