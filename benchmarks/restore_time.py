@@ -2,10 +2,10 @@
 
 Users report that "restoring takes forever". This separates the restore from
 what follows it, for the MNIST example's CNN (the default config) and its
-Orbax checkpoint: the restore itself, the first training step after it (which
-compiles), a second step, and the first step of a new process-like start
-(caches cleared) with a persistent compilation cache that the first compile
-filled. Each phase is timed once per repetition, medians reported::
+Orbax checkpoint, each in a new process as a user's restarted program would
+be: the restore itself, the first training step after it (which compiles),
+the second step; and, in another new process that shares the first one's
+persistent compilation cache, the first step again. Medians over repetitions::
 
     python -m benchmarks.restore_time --json benchmarks/results/restore-time.json
 """
@@ -15,63 +15,77 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import jax
-import numpy as np
-import orbax.checkpoint as ocp
-
-from examples.mnist import train
-from examples.mnist.configs.default import Config
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _timed(fn: Any, *args: Any) -> tuple[float, Any]:
     """``(seconds, result)`` of ``fn(*args)``, waiting for its arrays."""
+    import jax
+
     start = time.perf_counter()
     result = jax.block_until_ready(fn(*args))
     return time.perf_counter() - start, result
 
 
-def _one_repetition(
-    config: Config, state: Any, images: np.ndarray, labels: np.ndarray
-) -> dict[str, float]:
-    """Saves ``state``, restores it into a fresh state and times each phase."""
-    manager = train.checkpoint_manager(tempfile.mkdtemp(), max_to_keep=1)
-    manager.save(1, args=ocp.args.StandardSave(train.state_to_save(state)))
-    manager.wait_until_finished()
-    jax.clear_caches()
-    fresh = train.create_train_state(config, jax.random.key(1), 100)
-    restore_s, restored = _timed(train.restore_checkpoint, manager, fresh)
-    manager.close()
-    first_s, _ = _timed(train.train_step, restored, images, labels)
-    second_s, _ = _timed(train.train_step, restored, images, labels)
-    jax.clear_caches()  # as a new process would start: the disk cache only
-    cached_s, _ = _timed(train.train_step, restored, images, labels)
-    return {
-        "restore": restore_s,
-        "first_step": first_s,
-        "second_step": second_s,
-        "first_step_cached": cached_s,
-    }
+def phase(name: str, checkpoint: str, cache: str) -> dict[str, float]:
+    """One process's measurements.
 
+    ``save`` writes the checkpoint; ``cold`` and ``cached`` restore it and time
+    the steps (``cached`` runs after ``cold`` filled the compilation cache).
+    """
+    import jax
+    import numpy as np
+    import orbax.checkpoint as ocp
 
-def measure(reps: int) -> dict[str, list[float]]:
-    """Seconds of each phase, one sample per repetition."""
+    from examples.mnist import train
+    from examples.mnist.configs.default import Config
+
+    jax.config.update("jax_compilation_cache_dir", cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     config = Config()
     state = train.create_train_state(config, jax.random.key(0), steps_per_epoch=100)
+    manager = train.checkpoint_manager(checkpoint, max_to_keep=1)
+    if name == "save":
+        manager.save(1, args=ocp.args.StandardSave(train.state_to_save(state)))
+        manager.wait_until_finished()
+        manager.close()
+        return {}
     rng = np.random.default_rng(0)
     images = rng.random((config.batch_size, 28, 28, 1), np.float32)
     labels = rng.integers(0, 10, config.batch_size).astype(np.int32)
-    jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp())
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    restore_s, restored = _timed(train.restore_checkpoint, manager, state)
+    manager.close()
+    first_s, _ = _timed(train.train_step, restored, images, labels)
+    second_s, _ = _timed(train.train_step, restored, images, labels)
+    if name == "cached":
+        return {"first_step_cached": first_s}
+    return {"restore": restore_s, "first_step": first_s, "second_step": second_s}
+
+
+def _in_new_process(name: str, checkpoint: str, cache: str) -> dict[str, float]:
+    command = [sys.executable, "-m", "benchmarks.restore_time", "--phase", name]
+    command += ["--checkpoint", checkpoint, "--cache", cache]
+    out = subprocess.run(command, cwd=ROOT, check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def measure(reps: int) -> dict[str, list[float]]:
+    """Seconds of each phase, one sample per repetition (fresh cache each)."""
     samples: dict[str, list[float]] = {}
     for _ in range(reps):
-        for name, seconds in _one_repetition(config, state, images, labels).items():
+        checkpoint, cache = tempfile.mkdtemp(), tempfile.mkdtemp()
+        _in_new_process("save", checkpoint, tempfile.mkdtemp())
+        found = _in_new_process("cold", checkpoint, cache)
+        found |= _in_new_process("cached", checkpoint, cache)
+        for name, seconds in found.items():
             samples.setdefault(name, []).append(seconds)
     return samples
 
@@ -80,7 +94,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(prog="python -m benchmarks.restore_time")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--json", type=Path)
+    p.add_argument("--phase", choices=("save", "cold", "cached"), help="internal")
+    p.add_argument("--checkpoint", help="internal")
+    p.add_argument("--cache", help="internal")
     args = p.parse_args(argv)
+    if args.phase is not None:  # one measured process
+        print(json.dumps(phase(args.phase, args.checkpoint, args.cache)))
+        return {}
     samples = measure(args.reps)
     medians = {k: statistics.median(v) for k, v in samples.items()}
     record = {"reps": args.reps, "samples_s": samples, "median_s": medians}
