@@ -31,6 +31,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from benchmarks.run import _cpu_model
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = "benchmarks/results"
 MNIST_WORKDIR = "workdir/figures/mnist"
@@ -166,17 +168,6 @@ def _git(*args: str) -> str:
     return out.stdout.strip()
 
 
-def cpu_model() -> str:
-    """The CPU model as ``/proc/cpuinfo`` names it."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def provenance(command: str, seconds: float) -> dict[str, Any]:
     """Where and from what a results file comes."""
     dirty = bool(_git("status", "--porcelain", "--", "jaxbn"))
@@ -185,7 +176,7 @@ def provenance(command: str, seconds: float) -> dict[str, Any]:
         with contextlib.suppress(metadata.PackageNotFoundError):
             versions[package] = metadata.version(package)
     return {
-        "cpu": cpu_model(),
+        "cpu": _cpu_model(),
         "cores": os.cpu_count(),
         "commit": _git("rev-parse", "--short", "HEAD") + ("-dirty" if dirty else ""),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),

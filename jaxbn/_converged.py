@@ -130,13 +130,11 @@ def mark_converged(stats: Any, count: int = CONVERGED_COUNT) -> Any:
         )
     marked = {}
     for path, layer in found.items():
-        new = dict(layer)
         if "count" in layer:
+            new = dict(layer)
             new["count"] = jnp.asarray(count, jnp.asarray(layer["count"]).dtype)
-        else:  # saved by Flax: the Flax adapters' count, statistics in float32
-            new["mean"] = jnp.asarray(layer["mean"], jnp.float32)
-            new["var"] = jnp.asarray(layer["var"], jnp.float32)
-            new["count"] = jnp.asarray(count, COUNT_DTYPE)
+        else:  # saved by Flax: :func:`converged`'s rule
+            new = converged(layer, count)
         marked[path] = dict(sorted(new.items()))
     if root is stats:
         return replace_layers(stats, marked)
