@@ -291,14 +291,16 @@ def _train_jvp(static: StepOptions, primals: tuple, tangents: tuple) -> tuple:
     sum_tc = jnp.sum(tc, axes, keepdims=True)
     if axis_name is not None:
         sum_t, sum_tc = psum_parts([sum_t, sum_tc], axis_name, groups)
-    # An overflowed feature (r = 0) has a constant output: its sums may be
-    # inf, and 0 * inf would be NaN.
-    sum_tc = lax.select(r == 0, jnp.zeros_like(sum_tc), sum_tc)
     inv_n = _inverse_count(static, x, mask, m.count)
     per_c = -(g * r * r) * (sum_tc * inv_n)
     if dscale is not None:
         dscale_r = dscale.astype(real) * r
         per_c = per_c + (dscale_r if corr is None else dscale_r * corr[0])
+    # An overflowed feature (r = 0) has a constant output, so this factor is
+    # 0; but its sums may be inf (and sum(c * dy) in the transpose too), and
+    # 0 * inf would be NaN. The select's transpose zeroes the cotangent sum
+    # before it meets r, for the input's and the scale's gradients alike.
+    per_c = lax.select(r == 0, jnp.zeros_like(per_c), per_c)
     per_1 = -g * (sum_t * inv_n)
     if dbias is not None:
         per_1 = per_1 + dbias.astype(real)

@@ -55,10 +55,17 @@ def test_overflowing_variance_gives_the_bias(name, dtype, values, jit):
 
 
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
-def test_gradient_of_an_overflowing_batch_is_finite_and_exact(jit):
+@pytest.mark.parametrize(
+    "w_scale",
+    # 1e19: sum(dy * (x - mean)) overflows float32 too (|dy * x| ~ 1e39), and
+    # the backward's 0 * inf would be NaN without its guard.
+    [1.0, 1e19],
+    ids=["cotangent-1", "cotangent-1e19"],
+)
+def test_gradient_of_an_overflowing_batch_is_finite_and_exact(jit, w_scale):
     x = jnp.asarray([[1e20], [-1e20], [3e19]], jnp.float32)
     layer, params, stats = layer_and_state(x)
-    w = jnp.asarray([[1.0], [2.0], [-0.5]])
+    w = w_scale * jnp.asarray([[1.0], [2.0], [-0.5]])
 
     def loss(params, x):
         return jnp.sum(w * layer.apply(params, stats, x, train=True)[0])
