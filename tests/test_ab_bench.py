@@ -48,6 +48,25 @@ def test_compile_ab_times_flax_the_base_and_this_checkout(base):
         assert math.isfinite(wall) and wall > 0 and math.isfinite(cpu) and cpu > 0
 
 
+def test_compile_ab_traces_the_mnist_cnn_with_the_side_s_own_layer(base):
+    # The example's CNN picks its layer by name: the timed side's class must
+    # be the one traced, not this checkout's jaxbn.linen.BatchNorm.
+    import jaxbn.linen
+
+    calls = []
+
+    class Recording(jaxbn.linen.BatchNorm):
+        def __call__(self, x, *args, **kwargs):
+            calls.append(x.shape)
+            return super().__call__(x, *args, **kwargs)
+
+    ab._compile_once("mnist", Recording, "eval")
+    # Three batch norms, each called when initializing and when tracing.
+    assert len(calls) == 6, calls
+    result = ab.compile_ab(base, "mnist", "eval", reps=1)
+    assert set(result["median_s"]) == {"flax", "base", "this"}
+
+
 def test_run_ab_times_both_ops_of_both_checkouts(base):
     rows = ab.run_ab(base, reps=2, shapes={"small": (64, 8)})
     assert [r["op"] for r in rows] == ["forward", "forward+backward"]
@@ -59,5 +78,5 @@ def test_run_ab_times_both_ops_of_both_checkouts(base):
 def test_refusals(base, tmp_path):
     with pytest.raises(ValueError, match="has no jaxbn"):
         ab.load_checkout(tmp_path)
-    with pytest.raises(ValueError, match="mnist"):
-        ab.compile_ab(base, "mnist", "train", reps=1)
+    with pytest.raises(ValueError, match="resnet50"):
+        ab.compile_ab(base, "vgg", "train", reps=1)
