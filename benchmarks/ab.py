@@ -94,12 +94,31 @@ def _compile_once(model: str, norm: Callable, step: str) -> tuple[float, float]:
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def compile_ab(base: Any, model: str, step: str, reps: int) -> dict[str, Any]:
-    """Median compile seconds (wall, cpu) of flax, the base and this checkout."""
+def compile_sides(
+    norms: dict[str, Callable], model: str, step: str, reps: int
+) -> dict[str, tuple[float, float]]:
+    """Median compile seconds (wall, cpu) of ``model``'s step with each layer.
+
+    The sides are compiled in turn, the order reversed every other
+    repetition, in this one process.
+    """
     if model not in compile_time.MODELS:
         raise ValueError(
             f"--model={model!r}: expected one of {list(compile_time.MODELS)}"
         )
+    samples: dict[str, list[tuple[float, float]]] = {k: [] for k in norms}
+    for rep in range(reps):
+        order = list(norms) if rep % 2 == 0 else list(norms)[::-1]
+        for name in order:
+            samples[name].append(_compile_once(model, norms[name], step))
+    return {
+        k: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v))
+        for k, v in samples.items()
+    }
+
+
+def compile_ab(base: Any, model: str, step: str, reps: int) -> dict[str, Any]:
+    """Median compile seconds (wall, cpu) of flax, the base and this checkout."""
     import flax.linen as nn
 
     import jaxbn.linen
@@ -107,15 +126,7 @@ def compile_ab(base: Any, model: str, step: str, reps: int) -> dict[str, Any]:
     base_linen = importlib.import_module(base.__name__ + ".linen")
     norms = {"flax": nn.BatchNorm, "base": base_linen.BatchNorm}
     norms["this"] = jaxbn.linen.BatchNorm
-    samples: dict[str, list[tuple[float, float]]] = {k: [] for k in norms}
-    for rep in range(reps):
-        order = list(norms) if rep % 2 == 0 else list(norms)[::-1]
-        for name in order:
-            samples[name].append(_compile_once(model, norms[name], step))
-    med = {
-        k: tuple(statistics.median(s[i] for s in v) for i in (0, 1))
-        for k, v in samples.items()
-    }
+    med = compile_sides(norms, model, step, reps)
     return {"model": model, "step": step, "reps": reps, "median_s": med}
 
 
