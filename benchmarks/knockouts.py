@@ -99,7 +99,7 @@ _NON_FINITE = (
 _OVERFLOW_GUARD = (
     (
         "_training.py",
-        "    per_c = lax.select(r == 0, jnp.zeros_like(per_c), per_c)\n",
+        "    per_c = jnp.where(r == 0, jnp.zeros_like(per_c), per_c)\n",
         "",
     ),
 )

@@ -300,7 +300,9 @@ def _train_jvp(static: StepOptions, primals: tuple, tangents: tuple) -> tuple:
     # 0; but its sums may be inf (and sum(c * dy) in the transpose too), and
     # 0 * inf would be NaN. The select's transpose zeroes the cotangent sum
     # before it meets r, for the input's and the scale's gradients alike.
-    per_c = lax.select(r == 0, jnp.zeros_like(per_c), per_c)
+    # (jnp.where: a call-time scale may make per_c larger than r, or sharded
+    # differently.)
+    per_c = jnp.where(r == 0, jnp.zeros_like(per_c), per_c)
     per_1 = -g * (sum_t * inv_n)
     if dbias is not None:
         per_1 = per_1 + dbias.astype(real)
